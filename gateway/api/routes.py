@@ -1,0 +1,100 @@
+"""Management API for the route table: ``/vx11/routes`` and ``/vx11/routes/{intent}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from drf_spectacular.utils import extend_schema
+from rest_framework import status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from gateway.api.permissions import ReadClientWriteAdmin
+from gateway.api.serializers import EffectiveRouteSerializer, RouteSerializer
+from gateway.models import Route
+from gateway.problems import InvalidRequest, NotFound
+from gateway.routes import CODE_ROUTES, build_routes
+
+
+_BLANK: dict[str, Any] = {
+    "module": "", "endpoint": "", "method": "", "timeout": None, "description": "",
+    "auth_required": None, "priority": "", "protected": None, "streaming": None,
+    "context7": None, "retry_post": None, "enabled": True,
+}
+
+
+def effective_table() -> dict[str, Any]:
+    return {intent: cfg.as_dict() for intent, cfg in build_routes(list(Route.objects.all())).items()}
+
+
+def effective_route(intent: str) -> dict[str, Any]:
+    table = effective_table()
+    if intent not in table:
+        raise NotFound(f"No route for intent {intent[:40]!r}.")
+    return table[intent]
+
+
+class RouteListView(APIView):
+    permission_classes = [ReadClientWriteAdmin]
+
+    @extend_schema(responses=EffectiveRouteSerializer(many=True),
+                   summary="The effective route table (code defaults overlaid by overrides)")
+    def get(self, request: Request) -> Response:
+        routes = sorted(effective_table().values(), key=lambda r: r["intent"])
+        return Response({"routes": routes, "count": len(routes)})
+
+    @extend_schema(request=RouteSerializer, responses={201: EffectiveRouteSerializer},
+                   summary="Register an override or a new intent (admin)")
+    def post(self, request: Request) -> Response:
+        serializer = RouteSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        with transaction.atomic():
+            row = serializer.save()
+        return Response(effective_route(row.intent), status=status.HTTP_201_CREATED)
+
+
+class RouteDetailView(APIView):
+    permission_classes = [ReadClientWriteAdmin]
+
+    @extend_schema(responses=EffectiveRouteSerializer, summary="One effective route")
+    def get(self, request: Request, intent: str) -> Response:
+        return Response(effective_route(intent))
+
+    def _save(self, request: Request, intent: str, *, partial: bool) -> Response:
+        row = Route.objects.filter(intent=intent).first()
+        if row is None and intent not in CODE_ROUTES and partial:
+            raise NotFound(f"No route for intent {intent[:40]!r}.")
+        if not isinstance(request.data, dict):
+            raise InvalidRequest("The body must be a JSON object.")
+        data = {**request.data, "intent": intent}
+        if not partial:  # PUT replaces: omitted fields go back to inheriting
+            data = {**_BLANK, **data}
+        serializer = RouteSerializer(row, data=data, partial=partial)
+        serializer.is_valid(raise_exception=True)
+        with transaction.atomic():
+            serializer.save()
+        created = row is None
+        return Response(effective_route(intent),
+                        status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+    @extend_schema(request=RouteSerializer, responses=EffectiveRouteSerializer,
+                   summary="Replace the override of an intent (admin)")
+    def put(self, request: Request, intent: str) -> Response:
+        return self._save(request, intent, partial=False)
+
+    @extend_schema(request=RouteSerializer, responses=EffectiveRouteSerializer,
+                   summary="Change fields of the override of an intent (admin)")
+    def patch(self, request: Request, intent: str) -> Response:
+        return self._save(request, intent, partial=True)
+
+    @extend_schema(responses={200: EffectiveRouteSerializer, 204: None},
+                   summary="Remove an override; a code intent falls back to its default (admin)")
+    def delete(self, request: Request, intent: str) -> Response:
+        deleted, _ = Route.objects.filter(intent=intent).delete()
+        if not deleted:
+            raise NotFound(f"No override for intent {intent[:40]!r}.")
+        if intent in CODE_ROUTES:
+            return Response(effective_route(intent))
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,86 @@
+"""Who is calling: token extraction and constant-time checks.
+
+Two kinds of credentials: operator tokens from ``VX11_TOKEN`` (compared with
+``hmac.compare_digest`` over SHA-256 digests, so neither content nor length
+leaks through timing) and ``ApiClient`` tokens, looked up by their SHA-256 in
+the in-process snapshot (a hash lookup reveals nothing usable about the token:
+finding a token whose digest shares a prefix is a preimage search).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from gateway.conf import gw
+from gateway.snapshot import Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: str  # operator | client | staff | anonymous
+    id: str  # stable key for rate limits and session ownership
+    name: str
+    is_admin: bool
+    rate_limit: int | None = None
+    protected_rate_limit: int | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.kind != "anonymous"
+
+
+ANONYMOUS = Principal("anonymous", "anonymous", "anonymous", False)
+AUTH_DISABLED = Principal("operator", "auth-disabled", "auth disabled", True)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def _match_any(token: str, candidates: list[str]) -> str | None:
+    """Compare against every candidate (no early exit); return the matching one."""
+    digest = _digest(token)
+    found: str | None = None
+    for candidate in candidates:
+        if hmac.compare_digest(digest, _digest(candidate)):
+            found = candidate
+    return found
+
+
+def bearer(value: str | None) -> str | None:
+    if not value:
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()
+
+
+def client_token(x_vx11_token: str | None, authorization: str | None) -> str | None:
+    """The client credential: ``X-VX11-Token`` first, else ``Authorization: Bearer``."""
+    if x_vx11_token:
+        return x_vx11_token.strip()
+    return bearer(authorization)
+
+
+def authenticate(token: str, snapshot: Snapshot) -> Principal | None:
+    """The principal for a token, or None when it is not valid."""
+    operator = _match_any(token, list(gw.token))
+    if operator is not None:
+        return Principal("operator", "op:" + hashlib.sha256(operator.encode()).hexdigest()[:16],
+                         "operator", True)
+    info = snapshot.clients.get(hashlib.sha256(token.encode("utf-8", "surrogateescape"))
+                                .hexdigest())
+    if info is None:
+        return None
+    return Principal("client", f"client:{info.id}", info.name, info.is_admin,
+                     info.rate_limit, info.protected_rate_limit)
+
+
+def check_gateway_token(token: str | None) -> bool | None:
+    """``X-VX11-GW-Token`` for protected /shub paths: None missing, False wrong, True ok."""
+    if not token:
+        return None
+    return _match_any(token.strip(), list(gw.gateway_token)) is not None

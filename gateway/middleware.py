@@ -1,0 +1,67 @@
+"""Django-side middleware: correlation ids and problem+json for unexpected errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+
+from gateway import correlation
+from gateway.problems import GatewayError, InternalError
+
+log = logging.getLogger("gateway")
+
+
+def problem_response(exc: GatewayError, cid: str) -> HttpResponse:
+    status, headers, body = exc.render(cid)
+    response = HttpResponse(body, status=status, content_type=dict(headers)["content-type"])
+    for key, value in headers:
+        if key != "content-type":
+            response[key] = value
+    return response
+
+
+class CorrelationMiddleware:
+    """Keeps or replaces the correlation id, stamps it on logs and on the answer."""
+
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]
+                 | Callable[[HttpRequest], Awaitable[HttpResponseBase]]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def _begin(self, request: HttpRequest) -> str:
+        cid = correlation.pick(request.headers.get("X-Correlation-ID"),
+                               request.headers.get("X-Request-ID"))
+        request.correlation_id = cid  # type: ignore[attr-defined]
+        correlation.current.set(cid)
+        return cid
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
+        if self.is_async:
+            return self._acall(request)
+        cid = self._begin(request)
+        response = self.get_response(request)
+        assert isinstance(response, HttpResponseBase)
+        response["X-Correlation-ID"] = cid
+        return response
+
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        cid = self._begin(request)
+        result = self.get_response(request)
+        response = await result if not isinstance(result, HttpResponseBase) else result
+        response["X-Correlation-ID"] = cid
+        return response
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse:
+        cid = getattr(request, "correlation_id", correlation.current.get())
+        if isinstance(exception, GatewayError):
+            return problem_response(exception, cid)
+        log.error("unexpected error", exc_info=exception, extra={"path": request.path})
+        return problem_response(InternalError(), cid)

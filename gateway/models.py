@@ -1,0 +1,203 @@
+"""Durable gateway state: modules, route overrides, API clients, breaker history, health."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from gateway.validation import (
+    METHODS,
+    TIMEOUT_MAX,
+    TIMEOUT_MIN,
+    validate_endpoint,
+    validate_intent,
+    validate_module_name,
+    validate_module_url,
+)
+
+PRIORITY_CHOICES = [("health", "health"), ("analysis", "analysis"), ("other", "other")]
+BREAKER_STATES = [("closed", "closed"), ("open", "open"), ("half_open", "half-open")]
+
+
+class Module(models.Model):
+    """A backend module. The row overrides the code default and the env URL."""
+
+    name = models.CharField(max_length=40, unique=True, validators=[validate_module_name])
+    url = models.CharField(
+        max_length=255, blank=True, validators=[validate_module_url],
+        help_text="http(s)://host[:port]. Empty: the env override or code default.",
+    )
+    health_path = models.CharField(max_length=200, default="/health", validators=[validate_endpoint])
+    enabled = models.BooleanField(default=True)
+    # Per-module breaker settings; empty = the VX11_CB_* default.
+    failure_threshold = models.PositiveIntegerField(null=True, blank=True)
+    recovery_timeout = models.FloatField(null=True, blank=True)
+    half_open_max_calls = models.PositiveIntegerField(null=True, blank=True)
+    success_threshold = models.PositiveIntegerField(null=True, blank=True)
+    failure_rate_threshold = models.FloatField(
+        null=True, blank=True, help_text="Optional: trip when failures/calls ≥ this (0–1)."
+    )
+    window_seconds = models.FloatField(null=True, blank=True,
+                                       help_text="Sliding window for the failure rate.")
+    min_calls = models.PositiveIntegerField(null=True, blank=True,
+                                            help_text="Calls needed in the window to judge a rate.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.url:
+            self.url = validate_module_url(self.url)
+        if self.failure_rate_threshold is not None and not 0 < self.failure_rate_threshold <= 1:
+            raise ValidationError({"failure_rate_threshold": "Must be between 0 and 1."})
+        if (self.failure_rate_threshold is None) != (self.window_seconds is None):
+            raise ValidationError(
+                "Set both the failure-rate threshold and its window, or neither."
+            )
+
+
+class Route(models.Model):
+    """A database override of the code route table (empty field = inherit the code value)."""
+
+    intent = models.CharField(max_length=40, unique=True, validators=[validate_intent])
+    module = models.CharField(max_length=40, blank=True, validators=[validate_module_name])
+    endpoint = models.CharField(max_length=255, blank=True, validators=[validate_endpoint])
+    method = models.CharField(max_length=8, blank=True, choices=[(m, m) for m in METHODS])
+    timeout = models.FloatField(null=True, blank=True, help_text="Seconds, 0.1–600.")
+    description = models.CharField(max_length=255, blank=True)
+    auth_required = models.BooleanField(null=True, blank=True)
+    priority = models.CharField(max_length=10, blank=True, choices=PRIORITY_CHOICES)
+    protected = models.BooleanField(null=True, blank=True)
+    streaming = models.BooleanField(null=True, blank=True)
+    context7 = models.BooleanField(null=True, blank=True)
+    retry_post = models.BooleanField(
+        null=True, blank=True, help_text="Retry POST when the client sends Idempotency-Key."
+    )
+    enabled = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["intent"]
+
+    def __str__(self) -> str:
+        return self.intent
+
+    def clean(self) -> None:
+        from gateway.modules import known_module_names
+        from gateway.routes import CODE_ROUTES
+
+        errors: dict[str, Any] = {}
+        if self.module and self.module not in known_module_names():
+            errors["module"] = f"Unknown module {self.module!r}."
+        if self.timeout is not None and not TIMEOUT_MIN <= self.timeout <= TIMEOUT_MAX:
+            errors["timeout"] = f"Timeout must be between {TIMEOUT_MIN} and {TIMEOUT_MAX:g} s."
+        if self.intent not in CODE_ROUTES:
+            if not self.module:
+                errors["module"] = "A new intent needs a module."
+            if not self.endpoint:
+                errors["endpoint"] = "A new intent needs an endpoint."
+        if errors:
+            raise ValidationError(errors)
+
+
+def hash_token(token: str) -> str:
+    """Tokens are 256-bit random strings, so one SHA-256 is enough (no slow KDF needed)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    return "vx11_" + secrets.token_urlsafe(32)
+
+
+class ApiClient(models.Model):
+    """A program allowed to call the gateway. Only the token's hash is stored."""
+
+    name = models.CharField(max_length=100, unique=True)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    token_prefix = models.CharField(max_length=12, editable=False,
+                                    help_text="First characters of the token, to recognise it.")
+    is_admin = models.BooleanField(default=False, help_text="May use the management API.")
+    active = models.BooleanField(default=True)
+    rate_limit = models.PositiveIntegerField(null=True, blank=True,
+                                             help_text="Requests per window; empty = default.")
+    protected_rate_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Protected requests per window; empty = default."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "API client"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def set_new_token(self) -> str:
+        """Give the client a fresh token; returns it (the only time it is visible)."""
+        token = new_token()
+        self.token_hash = hash_token(token)
+        self.token_prefix = token[:10]
+        return token
+
+
+class BreakerState(models.Model):
+    """Last known breaker state per module, for the admin (the live state is in the store)."""
+
+    module = models.CharField(max_length=40, unique=True)
+    state = models.CharField(max_length=10, choices=BREAKER_STATES, default="closed")
+    forced = models.CharField(max_length=10, blank=True)
+    failure_count = models.PositiveIntegerField(default=0)
+    last_failure = models.DateTimeField(null=True, blank=True)
+    opened_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["module"]
+
+    def __str__(self) -> str:
+        return f"{self.module}: {self.state}"
+
+
+class BreakerTransition(models.Model):
+    """One breaker state change (read-only history)."""
+
+    module = models.CharField(max_length=40, db_index=True)
+    from_state = models.CharField(max_length=10, choices=BREAKER_STATES)
+    to_state = models.CharField(max_length=10, choices=BREAKER_STATES)
+    reason = models.CharField(max_length=60)
+    at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["module", "-at"])]
+
+    def __str__(self) -> str:
+        return f"{self.module}: {self.from_state} → {self.to_state} ({self.reason})"
+
+
+class ModuleHealth(models.Model):
+    """Result of the latest active health probe of a module."""
+
+    module = models.CharField(max_length=40, unique=True)
+    status = models.CharField(max_length=10, default="unknown")  # up | down | unknown
+    latency_ms = models.FloatField(null=True, blank=True)
+    last_check = models.DateTimeField(null=True, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_error = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["module"]
+        verbose_name_plural = "module health"
+
+    def __str__(self) -> str:
+        return f"{self.module}: {self.status}"

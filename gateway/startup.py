@@ -1,0 +1,75 @@
+"""Builds the ASGI application and refuses to start when it would be unsafe."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from django.conf import settings
+
+from gateway.asgi_util import Receive, Scope, Send
+from gateway.conf import gw
+
+log = logging.getLogger("gateway")
+
+
+def check_production_auth() -> None:
+    """Auth on, no token, DEBUG off: refuse to load (the server exits with the reason)."""
+    if gw.auth_enabled and not gw.token and not settings.DEBUG:
+        message = (
+            "VX11 Gateway refuses to start: authentication is on but VX11_TOKEN is empty. "
+            "Set VX11_TOKEN to one or more secret tokens (comma-separated), or "
+            "VX11_AUTH_ENABLED=false for development only."
+        )
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(message)
+    if not gw.auth_enabled:
+        log.warning("AUTHENTICATION IS DISABLED (VX11_AUTH_ENABLED=false): development only, "
+                    "every caller has operator rights")
+
+
+class HttpDispatcher:
+    """Routes HTTP by path prefix: proxy paths to the lean handler, the rest to Django."""
+
+    def __init__(self, proxy: Any, django_app: Any) -> None:
+        self.proxy = proxy
+        self.django = django_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path.startswith("/vx11/route/") or (
+            (path == "/shub" or path.startswith("/shub/")) and path != "/shub/cache/clear"
+        ):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.django(scope, receive, send)
+
+
+class Lifespan:
+    """ASGI lifespan: close pooled upstream connections on shutdown."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from gateway import upstream
+
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await upstream.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def build_application(django_app: Any) -> Any:
+    from channels.routing import ProtocolTypeRouter
+
+    from gateway.proxy import ProxyApp
+
+    check_production_auth()
+    mapping: dict[str, Any] = {
+        "http": HttpDispatcher(ProxyApp(), django_app),
+        "lifespan": Lifespan(),
+    }
+    return ProtocolTypeRouter(mapping)

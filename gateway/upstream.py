@@ -1,0 +1,119 @@
+"""The one seam for proxied upstream calls: a pooled aiohttp client per process.
+
+Why aiohttp and not httpx here: measured on this machine (docs/PERFORMANCE.md),
+httpx's request/response machinery alone costs ≈300 µs CPU per request — more
+than a whole aiohttp round trip — so a proxy on httpx cannot reach the speed of
+a bare aiohttp proxy. httpx stays where its cost does not matter (health
+probes, the demo, tests).
+
+Rules kept here: no redirects followed, no automatic decompression (bytes and
+``Content-Encoding`` pass through together), no headers added that the client
+did not send, bodies streamed both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+
+from gateway.conf import gw
+from gateway.problems import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
+
+CHUNK = 64 * 1024
+_sessions: dict[int, aiohttp.ClientSession] = {}
+
+
+def session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    client = _sessions.get(id(loop))
+    if client is None or client.closed:
+        connector = aiohttp.TCPConnector(
+            limit=int(gw.upstream_pool_size), limit_per_host=0, ttl_dns_cache=300,
+            keepalive_timeout=30, enable_cleanup_closed=True,
+        )
+        client = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        _sessions[id(loop)] = client
+    return client
+
+
+async def close() -> None:
+    """Close this loop's client (ASGI lifespan shutdown)."""
+    loop = asyncio.get_running_loop()
+    client = _sessions.pop(id(loop), None)
+    if client is not None:
+        await client.close()
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    _response: aiohttp.ClientResponse
+
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except TimeoutError as exc:
+            raise UpstreamTimeout("The module did not finish its answer in time.") from exc
+        except aiohttp.ClientError as exc:
+            raise BadGateway(f"The module's answer broke off: {type(exc).__name__}.") from exc
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, at most ``limit`` bytes (larger → BadGateway)."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_chunks():
+            size += len(chunk)
+            if size > limit:
+                raise BadGateway("The module's answer is larger than the gateway buffers.")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Return the connection to the pool (body fully read) or drop it (not read)."""
+        self._response.release()
+
+    def close(self) -> None:
+        """Abort: the upstream connection is closed, its request cancelled."""
+        self._response.close()
+
+
+Body = bytes | AsyncIterator[bytes] | None
+
+
+async def send(method: str, url: str, headers: list[tuple[str, str]], body: Body,
+               timeout: float, *, unavailable: type[GatewayError] = UpstreamUnavailable,
+               ) -> UpstreamResponse:
+    """Send one request; the answer's body is read later by the caller (streaming).
+
+    ``timeout`` bounds the whole exchange, the body read included. Errors come
+    back as gateway problems: connect failure → ``unavailable`` (503), timeout →
+    504, an invalid answer → 502.
+    """
+    try:
+        response = await session().request(
+            method, url, headers=headers, data=body, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0)),
+            compress=None, chunked=None,
+        )
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"The module did not answer within {timeout:g} s.") from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise unavailable(f"Cannot connect to the module: {exc.os_error.strerror or exc}.") \
+            from exc
+    except (aiohttp.ClientResponseError, aiohttp.ServerDisconnectedError,
+            aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+        raise BadGateway(f"The module sent no valid answer: {type(exc).__name__}.") from exc
+    raw = response.raw_headers
+    return UpstreamResponse(response.status, list(raw), response)

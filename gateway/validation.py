@@ -1,0 +1,89 @@
+"""Validation shared by the models, the admin, the API and the env overrides."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
+
+MODULE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+INTENT_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+TIMEOUT_MIN, TIMEOUT_MAX = 0.1, 600.0
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def validate_module_url(value: str) -> str:
+    """``http(s)://host[:port]`` and nothing else: no path, query, credentials or tricks."""
+    raw = value.strip()
+    if not raw or any(ord(c) < 33 or c in "\\" for c in raw):
+        raise ValidationError(f"Module URL {value!r} must be http(s)://host[:port] without spaces.")
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https"):
+        raise ValidationError(f"Module URL {value!r} must start with http:// or https://.")
+    if parts.username or parts.password or "@" in parts.netloc:
+        raise ValidationError(f"Module URL {value!r} must not contain credentials.")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValidationError(
+            f"Module URL {value!r} must be http(s)://host[:port] with no path, query or fragment."
+        )
+    host = parts.hostname or ""
+    if not host or not (_HOST_RE.match(host) or _is_ip(host)):
+        raise ValidationError(f"Module URL {value!r} has no valid host.")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValidationError(f"Module URL {value!r} has an invalid port.") from exc
+    if port is not None and not 0 < port < 65536:
+        raise ValidationError(f"Module URL {value!r} has an invalid port.")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def validate_endpoint(value: str) -> str:
+    if not value.startswith("/") or value.startswith("//"):
+        raise ValidationError("Endpoint must start with a single '/' (a path on the module).")
+    if "://" in value or any(ord(c) < 33 or c in "\\#" for c in value):
+        raise ValidationError("Endpoint must be a plain path: no scheme, host, spaces or '#'.")
+    segments = value.split("?", 1)[0].split("/")
+    if ".." in segments or "." in segments or "%2e" in value.lower() or "%2f" in value.lower():
+        raise ValidationError("Endpoint must not contain '.' or '..' segments or encoded slashes.")
+    return value
+
+
+def validate_method(value: str) -> str:
+    method = value.upper()
+    if method not in METHODS:
+        raise ValidationError(f"Method must be one of {', '.join(METHODS)}.")
+    return method
+
+
+def validate_timeout(value: float) -> float:
+    if not TIMEOUT_MIN <= float(value) <= TIMEOUT_MAX:
+        raise ValidationError(f"Timeout must be between {TIMEOUT_MIN} and {TIMEOUT_MAX:g} seconds.")
+    return float(value)
+
+
+def validate_module_name(value: str) -> str:
+    if not MODULE_NAME_RE.match(value):
+        raise ValidationError(
+            "Module name: lowercase letters, digits, '-' or '_', starting with a letter."
+        )
+    return value
+
+
+def validate_intent(value: str) -> str:
+    if not INTENT_RE.match(value):
+        raise ValidationError(
+            "Intent: lowercase letters, digits, '-' or '_', starting with a letter (max 40)."
+        )
+    return value
