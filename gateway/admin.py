@@ -1,0 +1,175 @@
+"""Django admin for the gateway: modules, routes (effective table), API clients, history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.http import HttpRequest
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from gateway.models import ApiClient, BreakerState, BreakerTransition, Module, ModuleHealth, Route
+from gateway.modules import CODE_MODULES, env_overrides
+from gateway.routes import CODE_ROUTES
+
+
+def badge(text: str, tone: str) -> SafeString:
+    """Colour plus text, never colour alone."""
+    colours = {"ok": "#1b7f3b", "warn": "#a86400", "bad": "#b3261e", "idle": "#5f6368"}
+    return format_html(
+        '<span style="background:{};color:#fff;padding:1px 7px;border-radius:9px;'
+        'font-size:11px;font-weight:600">{}</span>', colours.get(tone, "#5f6368"), text)
+
+
+@admin.register(Module)
+class ModuleAdmin(admin.ModelAdmin[Module]):
+    list_display = ["name", "effective_url", "enabled", "health_path", "breaker_settings"]
+    list_filter = ["enabled"]
+    search_fields = ["name", "url"]
+    readonly_fields = ["updated_at", "defaults_note"]
+    fieldsets = [
+        (None, {"fields": ["name", "url", "defaults_note", "health_path", "enabled"]}),
+        ("Circuit breaker (empty = VX11_CB_* defaults)", {"fields": [
+            "failure_threshold", "recovery_timeout", "half_open_max_calls", "success_threshold",
+            "failure_rate_threshold", "window_seconds", "min_calls"]}),
+        (None, {"fields": ["updated_at"]}),
+    ]
+
+    @admin.display(description="URL in use")
+    def effective_url(self, obj: Module) -> str:
+        if obj.url:
+            return obj.url
+        return env_overrides()[0].get(obj.name) or CODE_MODULES.get(obj.name, "—")
+
+    @admin.display(description="Code default / env")
+    def defaults_note(self, obj: Module) -> str:
+        env = env_overrides()[0].get(obj.name)
+        code = CODE_MODULES.get(obj.name)
+        return f"code: {code or '—'}; env: {env or '—'}"
+
+    @admin.display(description="Breaker")
+    def breaker_settings(self, obj: Module) -> str:
+        parts = []
+        if obj.failure_threshold:
+            parts.append(f"trip after {obj.failure_threshold}")
+        if obj.recovery_timeout is not None:
+            parts.append(f"recover {obj.recovery_timeout:g}s")
+        if obj.failure_rate_threshold is not None:
+            parts.append(f"rate ≥ {obj.failure_rate_threshold:g}")
+        return ", ".join(parts) or "defaults"
+
+
+@admin.register(Route)
+class RouteAdmin(admin.ModelAdmin[Route]):
+    """Overrides are edited here; the code defaults are shown beside them, read-only."""
+
+    list_display = ["intent", "module", "endpoint", "method", "timeout", "enabled", "kind"]
+    list_filter = ["enabled", "module"]
+    search_fields = ["intent", "module", "endpoint"]
+    readonly_fields = ["code_default", "updated_at"]
+    fields = ["intent", "code_default", "module", "endpoint", "method", "timeout", "description",
+              "auth_required", "priority", "protected", "streaming", "context7", "retry_post",
+              "enabled", "updated_at"]
+    change_list_template = "admin/gateway/route/change_list.html"
+
+    @admin.display(description="Kind")
+    def kind(self, obj: Route) -> SafeString:
+        if obj.intent in CODE_ROUTES:
+            return badge("override", "warn")
+        return badge("new intent", "ok")
+
+    @admin.display(description="Code default (empty fields inherit it)")
+    def code_default(self, obj: Route) -> str:
+        base = CODE_ROUTES.get(obj.intent)
+        if base is None:
+            return "— (a new intent: module and endpoint are required)"
+        return (f"{base.module} {base.method} {base.endpoint}, timeout {base.timeout:g}s, "
+                f"priority {base.priority}, protected {base.protected}, streaming "
+                f"{base.streaming}, context7 {base.context7}")
+
+    def changelist_view(self, request: HttpRequest,
+                        extra_context: dict[str, Any] | None = None) -> Any:
+        from gateway.routes import build_routes
+
+        table = build_routes(list(Route.objects.all()))
+        extra = {"effective_routes": [table[k].as_dict() for k in sorted(table)]}
+        return super().changelist_view(request, {**(extra_context or {}), **extra})
+
+
+@admin.register(ApiClient)
+class ApiClientAdmin(admin.ModelAdmin[ApiClient]):
+    list_display = ["name", "token_prefix", "is_admin", "status", "rate_limit",
+                    "protected_rate_limit", "created_at"]
+    list_filter = ["active", "is_admin"]
+    search_fields = ["name", "token_prefix"]
+    readonly_fields = ["token_prefix", "created_at", "revoked_at", "updated_at"]
+    fields = ["name", "is_admin", "active", "rate_limit", "protected_rate_limit", "token_prefix",
+              "created_at", "revoked_at"]
+    actions = ["revoke", "rotate_token"]
+
+    @admin.display(description="Status")
+    def status(self, obj: ApiClient) -> SafeString:
+        return badge("active", "ok") if obj.active else badge("revoked", "bad")
+
+    def save_model(self, request: HttpRequest, obj: ApiClient, form: Any, change: bool) -> None:
+        token = None
+        if not change:
+            token = obj.set_new_token()
+        super().save_model(request, obj, form, change)
+        if token:
+            messages.warning(request, format_html(
+                "Token for <b>{}</b> (shown once, copy it now): "
+                '<code id="new-token">{}</code>', obj.name, token))
+
+    @admin.action(description="Revoke selected clients")
+    def revoke(self, request: HttpRequest, queryset: Any) -> None:
+        from django.utils import timezone
+
+        count = 0
+        for client in queryset:
+            client.active = False
+            client.revoked_at = timezone.now()
+            client.save(update_fields=["active", "revoked_at", "updated_at"])
+            count += 1
+        self.message_user(request, f"Revoked {count} client(s).", messages.SUCCESS)
+
+    @admin.action(description="Issue a new token (the old one stops working)")
+    def rotate_token(self, request: HttpRequest, queryset: Any) -> None:
+        for client in queryset:
+            token = client.set_new_token()
+            client.save()
+            messages.warning(request, format_html(
+                "New token for <b>{}</b> (shown once): <code>{}</code>", client.name, token))
+
+
+@admin.register(BreakerTransition)
+class BreakerTransitionAdmin(admin.ModelAdmin[BreakerTransition]):
+    list_display = ["at", "module", "from_state", "to_state", "reason"]
+    list_filter = ["module", "to_state", "reason"]
+    date_hierarchy = "at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(BreakerState)
+class BreakerStateAdmin(BreakerTransitionAdmin):  # type: ignore[type-arg]
+    list_display = ["module", "state", "forced", "failure_count", "last_failure", "opened_at",
+                    "updated_at"]
+    list_filter = ["state"]
+    date_hierarchy = None
+
+
+@admin.register(ModuleHealth)
+class ModuleHealthAdmin(BreakerTransitionAdmin):  # type: ignore[type-arg]
+    list_display = ["module", "status", "latency_ms", "last_check", "consecutive_failures",
+                    "last_error"]
+    list_filter = ["status"]
+    date_hierarchy = None

@@ -12,8 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import dj_database_url
+import django_stubs_ext
 
 from vx11site.env import env_bool, env_list, env_str
+
+django_stubs_ext.monkeypatch()  # admin.ModelAdmin[Model] etc. at run time
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VX11_VAR_DIR", str(BASE_DIR / "var")))

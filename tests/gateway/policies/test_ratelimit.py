@@ -248,14 +248,14 @@ async def test_each_admitting_scope_is_charged_when_cost_is_not_all_or_nothing(
 async def test_remaining_and_reset_count_down(backend: RateLimitBackend, clock: FakeClock) -> None:
     rl = limiter(backend, clock)
     scope = [token(3)]
-    seen: list[tuple[bool, int, float, float]] = []
+    decisions = []
     for _ in range(4):
-        d = await rl.check(scope)
-        seen.append((d.allowed, d.results[0].remaining, d.results[0].reset, d.retry_after))
+        decisions.append(await rl.check(scope))
         clock.advance(10)
-    assert seen == pytest.approx(
-        [(True, 2, 60.0, 0.0), (True, 1, 50.0, 0.0), (True, 0, 40.0, 0.0), (False, 0, 30.0, 30.0)]
-    )
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.results[0].remaining for d in decisions] == [2, 1, 0, 0]
+    assert [d.results[0].reset for d in decisions] == pytest.approx([60.0, 50.0, 40.0, 30.0])
+    assert [d.retry_after for d in decisions] == pytest.approx([0.0, 0.0, 0.0, 30.0])
 
 
 async def test_status_reports_usage_without_consuming(

@@ -1,0 +1,63 @@
+"""Processes the benchmark measures: a fast upstream and a bare aiohttp reverse proxy.
+
+Run as ``python -m bench.servers upstream PORT`` or ``... proxy PORT UPSTREAM_URL``.
+Both run on uvloop, like the gateway, so the comparison is of the request path only.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import uvloop
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+PAYLOAD = b'{"module":"switch","response":"ok","tokens":[1,2,3,4,5,6,7,8]}'
+
+
+def upstream(port: int) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=PAYLOAD, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                loop=uvloop.new_event_loop())
+
+
+def proxy(port: int, target: str) -> None:
+    """The reference: a bare aiohttp reverse proxy with a pooled client, nothing else."""
+
+    async def make_session(app: web.Application) -> None:
+        app["client"] = ClientSession(connector=TCPConnector(limit=512), auto_decompress=False,
+                                      timeout=ClientTimeout(total=30))
+
+    async def close_session(app: web.Application) -> None:
+        await app["client"].close()
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        async with request.app["client"].request(
+            "POST", target + "/switch/route-v5", data=body,
+            headers={"Content-Type": request.headers.get("Content-Type", "application/json")},
+        ) as upstream_response:
+            data = await upstream_response.read()
+            return web.Response(body=data, status=upstream_response.status,
+                                content_type=upstream_response.content_type)
+
+    app = web.Application()
+    app.on_startup.append(make_session)
+    app.on_cleanup.append(close_session)
+    app.router.add_post("/vx11/route/{intent}", forward)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                loop=uvloop.new_event_loop())
+
+
+if __name__ == "__main__":
+    kind = sys.argv[1]
+    if kind == "upstream":
+        upstream(int(sys.argv[2]))
+    elif kind == "proxy":
+        proxy(int(sys.argv[2]), sys.argv[3])
+    else:
+        raise SystemExit("usage: python -m bench.servers upstream PORT | proxy PORT URL")
