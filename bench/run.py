@@ -51,8 +51,9 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(name: str, url: str, duration: int, connections: int, pid: int | None,
-        headers: dict[str, str]) -> Result:
+def wrk(
+    name: str, url: str, duration: int, connections: int, pid: int | None, headers: dict[str, str]
+) -> Result:
     lua = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     lua.write('wrk.method = "POST"\n')
     lua.write(f"wrk.body = {json.dumps(BODY)}\n")
@@ -61,11 +62,16 @@ def wrk(name: str, url: str, duration: int, connections: int, pid: int | None,
         lua.write(f'wrk.headers["{key}"] = "{value}"\n')
     lua.close()
     # Warm-up (pools, snapshot, JIT-free caches), not measured.
-    subprocess.run(["wrk", "-t1", "-c4", "-d1s", "-s", lua.name, url],
-                   capture_output=True, check=False)
+    subprocess.run(
+        ["wrk", "-t1", "-c4", "-d1s", "-s", lua.name, url], capture_output=True, check=False
+    )
     cpu0 = cpu_seconds(pid) if pid else 0.0
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
-                          "-s", lua.name, url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", lua.name, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     cpu1 = cpu_seconds(pid) if pid else 0.0
     os.unlink(lua.name)
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -80,13 +86,16 @@ def wrk(name: str, url: str, duration: int, connections: int, pid: int | None,
 
 
 def start(cmd: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         wait_for_port(port, timeout=30)
     except TimeoutError:
         proc.kill()
-        raise SystemExit(f"{cmd} did not start: {proc.stderr.read().decode()[-2000:]}") from None
+        raise SystemExit(
+            f"{cmd} did not start: {(proc.stderr.read() if proc.stderr else b'').decode()[-2000:]}"
+        ) from None
     return proc
 
 
@@ -94,10 +103,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--intent", default="task",
-                        help="task (no Context-7) or chat (Context-7 session on every call)")
-    parser.add_argument("--redis", action="store_true",
-                        help="Run the gateway with shared state in a real Redis")
+    parser.add_argument(
+        "--intent",
+        default="task",
+        help="task (no Context-7) or chat (Context-7 session on every call)",
+    )
+    parser.add_argument(
+        "--redis", action="store_true", help="Run the gateway with shared state in a real Redis"
+    )
     args = parser.parse_args()
     if subprocess.run(["which", "wrk"], capture_output=True).returncode != 0:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
@@ -111,27 +124,68 @@ def main() -> int:
         upstream_url = f"http://127.0.0.1:{up_port}"
         ref = start([py, "-m", "bench.servers", "proxy", str(ref_port), upstream_url], ref_port)
         procs.append(ref)
-        env = {**os.environ, "VX11_TOKEN": TOKEN, "VX11_VAR_DIR": workdir,
-               "VX11_MODULE_SWITCH_URL": upstream_url, "DJANGO_DEBUG": "0",
-               "VX11_RATE_LIMIT_TOKEN": "100000000", "VX11_RATE_LIMIT_IP": "100000000",
-               "VX11_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "VX11_TOKEN": TOKEN,
+            "VX11_VAR_DIR": workdir,
+            "VX11_MODULE_SWITCH_URL": upstream_url,
+            "DJANGO_DEBUG": "0",
+            "VX11_RATE_LIMIT_TOKEN": "100000000",
+            "VX11_RATE_LIMIT_IP": "100000000",
+            "VX11_LOG_LEVEL": "WARNING",
+        }
         env.pop("DATABASE_URL", None)
         if args.redis:
             redis = RedisServer().start()
             env["VX11_REDIS_URL"] = redis.url
         subprocess.run([py, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-        gateway = start([py, "-m", "uvicorn", "vx11site.asgi:application", "--port", str(gw_port),
-                         "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                         "--log-level", "warning"], gw_port, env)
+        gateway = start(
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "vx11site.asgi:application",
+                "--port",
+                str(gw_port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--no-proxy-headers",
+                "--log-level",
+                "warning",
+            ],
+            gw_port,
+            env,
+        )
         procs.append(gateway)
         path = f"/vx11/route/{args.intent}"
         results = [
-            wrk("direct upstream", upstream_url + "/switch/route-v5", args.duration,
-                args.connections, procs[0].pid, {}),
-            wrk("bare aiohttp proxy", f"http://127.0.0.1:{ref_port}{path}", args.duration,
-                args.connections, ref.pid, {}),
-            wrk("vx11 gateway", f"http://127.0.0.1:{gw_port}{path}", args.duration,
-                args.connections, gateway.pid, {"X-VX11-Token": TOKEN}),
+            wrk(
+                "direct upstream",
+                upstream_url + "/switch/route-v5",
+                args.duration,
+                args.connections,
+                procs[0].pid,
+                {},
+            ),
+            wrk(
+                "bare aiohttp proxy",
+                f"http://127.0.0.1:{ref_port}{path}",
+                args.duration,
+                args.connections,
+                ref.pid,
+                {},
+            ),
+            wrk(
+                "vx11 gateway",
+                f"http://127.0.0.1:{gw_port}{path}",
+                args.duration,
+                args.connections,
+                gateway.pid,
+                {"X-VX11-Token": TOKEN},
+            ),
         ]
     finally:
         for proc in procs:
@@ -144,23 +198,37 @@ def main() -> int:
         if redis is not None:
             redis.close()
     direct, ref_result, gw_result = results
-    print(f"\nPOST {path}, {args.connections} connections, {args.duration}s each, "
-          f"state: {'redis' if args.redis else 'in-process'}")
+    print(
+        f"\nPOST {path}, {args.connections} connections, {args.duration}s each, "
+        f"state: {'redis' if args.redis else 'in-process'}"
+    )
     print(f"{'':20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/req':>11} {'errors':>7}")
     for r in results:
         cpu = f"{r.cpu_us_per_req:.0f}" if r.cpu_us_per_req is not None else "-"
-        print(f"{r.name:20} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {cpu:>11} "
-              f"{r.errors + r.non_2xx:7d}")
+        print(
+            f"{r.name:20} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {cpu:>11} "
+            f"{r.errors + r.non_2xx:7d}"
+        )
     ratio = gw_result.rps / ref_result.rps
     print(f"\ngateway / bare aiohttp proxy req/s: {ratio:.2f}x")
     print(f"gateway / direct upstream req/s:    {gw_result.rps / direct.rps:.2f}x")
     print(f"bare proxy / direct upstream req/s: {ref_result.rps / direct.rps:.2f}x")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "intent": args.intent, "redis": args.redis,
-        "connections": args.connections, "duration": args.duration,
-        "results": [asdict(r) for r in results], "ratio_vs_bare_proxy": ratio}, indent=2))
+    (out / "latest.json").write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "intent": args.intent,
+                "redis": args.redis,
+                "connections": args.connections,
+                "duration": args.duration,
+                "results": [asdict(r) for r in results],
+                "ratio_vs_bare_proxy": ratio,
+            },
+            indent=2,
+        )
+    )
     failed = gw_result.errors + gw_result.non_2xx
     if failed:
         print(f"warning: the gateway answered {failed} requests with errors or non-2xx")

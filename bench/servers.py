@@ -21,16 +21,20 @@ def upstream(port: int) -> None:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
-                loop=uvloop.new_event_loop())
+    web.run_app(
+        app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop()
+    )
 
 
 def proxy(port: int, target: str) -> None:
     """The reference: a bare aiohttp reverse proxy with a pooled client, nothing else."""
 
     async def make_session(app: web.Application) -> None:
-        app["client"] = ClientSession(connector=TCPConnector(limit=512), auto_decompress=False,
-                                      timeout=ClientTimeout(total=30))
+        app["client"] = ClientSession(
+            connector=TCPConnector(limit=512),
+            auto_decompress=False,
+            timeout=ClientTimeout(total=30),
+        )
 
     async def close_session(app: web.Application) -> None:
         await app["client"].close()
@@ -38,19 +42,25 @@ def proxy(port: int, target: str) -> None:
     async def forward(request: web.Request) -> web.Response:
         body = await request.read()
         async with request.app["client"].request(
-            "POST", target + "/switch/route-v5", data=body,
+            "POST",
+            target + "/switch/route-v5",
+            data=body,
             headers={"Content-Type": request.headers.get("Content-Type", "application/json")},
         ) as upstream_response:
             data = await upstream_response.read()
-            return web.Response(body=data, status=upstream_response.status,
-                                content_type=upstream_response.content_type)
+            return web.Response(
+                body=data,
+                status=upstream_response.status,
+                content_type=upstream_response.content_type,
+            )
 
     app = web.Application()
     app.on_startup.append(make_session)
     app.on_cleanup.append(close_session)
     app.router.add_post("/vx11/route/{intent}", forward)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
-                loop=uvloop.new_event_loop())
+    web.run_app(
+        app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop()
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
+from django.db.models import Model
 from django.http import HttpRequest
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -19,7 +20,10 @@ def badge(text: str, tone: str) -> SafeString:
     colours = {"ok": "#1b7f3b", "warn": "#a86400", "bad": "#b3261e", "idle": "#5f6368"}
     return format_html(
         '<span style="background:{};color:#fff;padding:1px 7px;border-radius:9px;'
-        'font-size:11px;font-weight:600">{}</span>', colours.get(tone, "#5f6368"), text)
+        'font-size:11px;font-weight:600">{}</span>',
+        colours.get(tone, "#5f6368"),
+        text,
+    )
 
 
 @admin.register(Module)
@@ -30,9 +34,20 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
     readonly_fields = ["updated_at", "defaults_note"]
     fieldsets = [
         (None, {"fields": ["name", "url", "defaults_note", "health_path", "enabled"]}),
-        ("Circuit breaker (empty = VX11_CB_* defaults)", {"fields": [
-            "failure_threshold", "recovery_timeout", "half_open_max_calls", "success_threshold",
-            "failure_rate_threshold", "window_seconds", "min_calls"]}),
+        (
+            "Circuit breaker (empty = VX11_CB_* defaults)",
+            {
+                "fields": [
+                    "failure_threshold",
+                    "recovery_timeout",
+                    "half_open_max_calls",
+                    "success_threshold",
+                    "failure_rate_threshold",
+                    "window_seconds",
+                    "min_calls",
+                ]
+            },
+        ),
         (None, {"fields": ["updated_at"]}),
     ]
 
@@ -68,9 +83,23 @@ class RouteAdmin(admin.ModelAdmin[Route]):
     list_filter = ["enabled", "module"]
     search_fields = ["intent", "module", "endpoint"]
     readonly_fields = ["code_default", "updated_at"]
-    fields = ["intent", "code_default", "module", "endpoint", "method", "timeout", "description",
-              "auth_required", "priority", "protected", "streaming", "context7", "retry_post",
-              "enabled", "updated_at"]
+    fields = [
+        "intent",
+        "code_default",
+        "module",
+        "endpoint",
+        "method",
+        "timeout",
+        "description",
+        "auth_required",
+        "priority",
+        "protected",
+        "streaming",
+        "context7",
+        "retry_post",
+        "enabled",
+        "updated_at",
+    ]
     change_list_template = "admin/gateway/route/change_list.html"
 
     @admin.display(description="Kind")
@@ -84,12 +113,15 @@ class RouteAdmin(admin.ModelAdmin[Route]):
         base = CODE_ROUTES.get(obj.intent)
         if base is None:
             return "— (a new intent: module and endpoint are required)"
-        return (f"{base.module} {base.method} {base.endpoint}, timeout {base.timeout:g}s, "
-                f"priority {base.priority}, protected {base.protected}, streaming "
-                f"{base.streaming}, context7 {base.context7}")
+        return (
+            f"{base.module} {base.method} {base.endpoint}, timeout {base.timeout:g}s, "
+            f"priority {base.priority}, protected {base.protected}, streaming "
+            f"{base.streaming}, context7 {base.context7}"
+        )
 
-    def changelist_view(self, request: HttpRequest,
-                        extra_context: dict[str, Any] | None = None) -> Any:
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> Any:
         from gateway.routes import build_routes
 
         table = build_routes(list(Route.objects.all()))
@@ -99,13 +131,28 @@ class RouteAdmin(admin.ModelAdmin[Route]):
 
 @admin.register(ApiClient)
 class ApiClientAdmin(admin.ModelAdmin[ApiClient]):
-    list_display = ["name", "token_prefix", "is_admin", "status", "rate_limit",
-                    "protected_rate_limit", "created_at"]
+    list_display = [
+        "name",
+        "token_prefix",
+        "is_admin",
+        "status",
+        "rate_limit",
+        "protected_rate_limit",
+        "created_at",
+    ]
     list_filter = ["active", "is_admin"]
     search_fields = ["name", "token_prefix"]
     readonly_fields = ["token_prefix", "created_at", "revoked_at", "updated_at"]
-    fields = ["name", "is_admin", "active", "rate_limit", "protected_rate_limit", "token_prefix",
-              "created_at", "revoked_at"]
+    fields = [
+        "name",
+        "is_admin",
+        "active",
+        "rate_limit",
+        "protected_rate_limit",
+        "token_prefix",
+        "created_at",
+        "revoked_at",
+    ]
     actions = ["revoke", "rotate_token"]
 
     @admin.display(description="Status")
@@ -118,9 +165,14 @@ class ApiClientAdmin(admin.ModelAdmin[ApiClient]):
             token = obj.set_new_token()
         super().save_model(request, obj, form, change)
         if token:
-            messages.warning(request, format_html(
-                "Token for <b>{}</b> (shown once, copy it now): "
-                '<code id="new-token">{}</code>', obj.name, token))
+            messages.warning(
+                request,
+                format_html(
+                    'Token for <b>{}</b> (shown once, copy it now): <code id="new-token">{}</code>',
+                    obj.name,
+                    token,
+                ),
+            )
 
     @admin.action(description="Revoke selected clients")
     def revoke(self, request: HttpRequest, queryset: Any) -> None:
@@ -139,15 +191,16 @@ class ApiClientAdmin(admin.ModelAdmin[ApiClient]):
         for client in queryset:
             token = client.set_new_token()
             client.save()
-            messages.warning(request, format_html(
-                "New token for <b>{}</b> (shown once): <code>{}</code>", client.name, token))
+            messages.warning(
+                request,
+                format_html(
+                    "New token for <b>{}</b> (shown once): <code>{}</code>", client.name, token
+                ),
+            )
 
 
-@admin.register(BreakerTransition)
-class BreakerTransitionAdmin(admin.ModelAdmin[BreakerTransition]):
-    list_display = ["at", "module", "from_state", "to_state", "reason"]
-    list_filter = ["module", "to_state", "reason"]
-    date_hierarchy = "at"
+class ReadOnlyAdmin[M: Model](admin.ModelAdmin[M]):
+    """History and live-state tables: written by the gateway, never by hand."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -159,17 +212,35 @@ class BreakerTransitionAdmin(admin.ModelAdmin[BreakerTransition]):
         return False
 
 
+@admin.register(BreakerTransition)
+class BreakerTransitionAdmin(ReadOnlyAdmin[BreakerTransition]):
+    list_display = ["at", "module", "from_state", "to_state", "reason"]
+    list_filter = ["module", "to_state", "reason"]
+    date_hierarchy = "at"
+
+
 @admin.register(BreakerState)
-class BreakerStateAdmin(BreakerTransitionAdmin):  # type: ignore[type-arg]
-    list_display = ["module", "state", "forced", "failure_count", "last_failure", "opened_at",
-                    "updated_at"]
+class BreakerStateAdmin(ReadOnlyAdmin[BreakerState]):
+    list_display = [
+        "module",
+        "state",
+        "forced",
+        "failure_count",
+        "last_failure",
+        "opened_at",
+        "updated_at",
+    ]
     list_filter = ["state"]
-    date_hierarchy = None
 
 
 @admin.register(ModuleHealth)
-class ModuleHealthAdmin(BreakerTransitionAdmin):  # type: ignore[type-arg]
-    list_display = ["module", "status", "latency_ms", "last_check", "consecutive_failures",
-                    "last_error"]
+class ModuleHealthAdmin(ReadOnlyAdmin[ModuleHealth]):
+    list_display = [
+        "module",
+        "status",
+        "latency_ms",
+        "last_check",
+        "consecutive_failures",
+        "last_error",
+    ]
     list_filter = ["status"]
-    date_hierarchy = None

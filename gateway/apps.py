@@ -10,3 +10,4 @@ class GatewayConfig(AppConfig):
 
     def ready(self) -> None:
         from gateway import checks, signals  # noqa: F401  (registers checks and receivers)
+        from gateway.api import schema  # noqa: F401  (registers the OpenAPI auth extension)

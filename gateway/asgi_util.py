@@ -33,14 +33,25 @@ def encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
-async def send_bytes(send: Send, status: int, headers: list[tuple[bytes, bytes]],
-                     body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+async def send_bytes(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_json(send: Send, status: int, payload: Any,
-                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    await send_bytes(send, status, [(b"content-type", b"application/json"), *(headers or [])],
-                     orjson.dumps(payload))
+async def send_json(
+    send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send_bytes(
+        send,
+        status,
+        [(b"content-type", b"application/json"), *(headers or [])],
+        orjson.dumps(payload),
+    )

@@ -69,14 +69,22 @@ def authenticate(token: str, snapshot: Snapshot) -> Principal | None:
     """The principal for a token, or None when it is not valid."""
     operator = _match_any(token, list(gw.token))
     if operator is not None:
-        return Principal("operator", "op:" + hashlib.sha256(operator.encode()).hexdigest()[:16],
-                         "operator", True)
-    info = snapshot.clients.get(hashlib.sha256(token.encode("utf-8", "surrogateescape"))
-                                .hexdigest())
+        return Principal(
+            "operator", "op:" + hashlib.sha256(operator.encode()).hexdigest()[:16], "operator", True
+        )
+    info = snapshot.clients.get(
+        hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    )
     if info is None:
         return None
-    return Principal("client", f"client:{info.id}", info.name, info.is_admin,
-                     info.rate_limit, info.protected_rate_limit)
+    return Principal(
+        "client",
+        f"client:{info.id}",
+        info.name,
+        info.is_admin,
+        info.rate_limit,
+        info.protected_rate_limit,
+    )
 
 
 def check_gateway_token(token: str | None) -> bool | None:

@@ -19,25 +19,52 @@ def gateway_checks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         gw.reload()
         _ = gw.token
     except EnvError as exc:
-        return [Error(str(exc), id="gateway.E001",
-                      hint="Fix the variable's value; docs/CONFIGURATION.md lists them all.")]
+        return [
+            Error(
+                str(exc),
+                id="gateway.E001",
+                hint="Fix the variable's value; docs/CONFIGURATION.md lists them all.",
+            )
+        ]
     for problem in env_overrides()[1]:
-        messages.append(Error(f"Invalid module URL: {problem}", id="gateway.E002",
-                              hint="Use http(s)://host[:port] with no path."))
+        messages.append(
+            Error(
+                f"Invalid module URL: {problem}",
+                id="gateway.E002",
+                hint="Use http(s)://host[:port] with no path.",
+            )
+        )
     if gw.auth_enabled and not gw.token and not settings.DEBUG:
-        messages.append(Warning(
-            "Authentication is on but VX11_TOKEN is empty; the server will refuse to start.",
-            id="gateway.W004",
-            hint="Set VX11_TOKEN, or DJANGO_DEBUG=1 for development, or VX11_AUTH_ENABLED=false."))
+        messages.append(
+            Warning(
+                "Authentication is on but VX11_TOKEN is empty; the server will refuse to start.",
+                id="gateway.W004",
+                hint="Set VX11_TOKEN, or DJANGO_DEBUG=1 for development, or VX11_AUTH_ENABLED=false.",
+            )
+        )
     if not gw.auth_enabled:
-        messages.append(Warning("VX11_AUTH_ENABLED=false: every caller has operator rights.",
-                                id="gateway.W001", hint="Development only."))
+        messages.append(
+            Warning(
+                "VX11_AUTH_ENABLED=false: every caller has operator rights.",
+                id="gateway.W001",
+                hint="Development only.",
+            )
+        )
     if int(gw.workers) > 1 and not gw.redis_url:
-        messages.append(Warning(
-            "Several workers with in-process state: rate limits, breakers, cache and route "
-            "changes are not shared between them.", id="gateway.W002",
-            hint="Set VX11_REDIS_URL for more than one worker or host."))
+        messages.append(
+            Warning(
+                "Several workers with in-process state: rate limits, breakers, cache and route "
+                "changes are not shared between them.",
+                id="gateway.W002",
+                hint="Set VX11_REDIS_URL for more than one worker or host.",
+            )
+        )
     if int(gw.workers) > 1 and "sqlite" in settings.DATABASES["default"]["ENGINE"]:
-        messages.append(Warning("Several workers on SQLite: writes will queue on one file.",
-                                id="gateway.W003", hint="Use DATABASE_URL=postgres://…"))
+        messages.append(
+            Warning(
+                "Several workers on SQLite: writes will queue on one file.",
+                id="gateway.W003",
+                hint="Use DATABASE_URL=postgres://…",
+            )
+        )
     return messages

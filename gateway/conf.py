@@ -31,52 +31,103 @@ class Knob:
 KNOBS: tuple[Knob, ...] = (
     # --- authentication -------------------------------------------------
     Knob("VX11_TOKEN", "list", [], "Operator tokens (comma-separated), full rights.", secret=True),
-    Knob("VX11_GATEWAY_TOKEN", "list", [], "Tokens for protected /shub paths (X-VX11-GW-Token); "
-         "falls back to VX11_TOKEN.", secret=True),
+    Knob(
+        "VX11_GATEWAY_TOKEN",
+        "list",
+        [],
+        "Tokens for protected /shub paths (X-VX11-GW-Token); falls back to VX11_TOKEN.",
+        secret=True,
+    ),
     Knob("VX11_AUTH_ENABLED", "bool", True, "Token checks on; false is for development only."),
     # --- request handling -----------------------------------------------
-    Knob("VX11_MAX_BODY_BYTES", "int", 10 * 1024 * 1024, "Largest request body accepted (413 above).",
-         minimum=0),
+    Knob(
+        "VX11_MAX_BODY_BYTES",
+        "int",
+        10 * 1024 * 1024,
+        "Largest request body accepted (413 above).",
+        minimum=0,
+    ),
     Knob("VX11_TRUSTED_PROXIES", "list", [], "CIDRs whose X-Forwarded-For is trusted."),
-    Knob("VX11_UPSTREAM_POOL_SIZE", "int", 512, "Upstream connections kept per process.", minimum=1),
-    Knob("VX11_ROUTE_REFRESH_SECONDS", "float", 0.5, "How often a process checks the route/module/"
-         "client table version in the shared store.", minimum=0.05),
+    Knob(
+        "VX11_UPSTREAM_POOL_SIZE", "int", 512, "Upstream connections kept per process.", minimum=1
+    ),
+    Knob(
+        "VX11_ROUTE_REFRESH_SECONDS",
+        "float",
+        0.5,
+        "How often a process checks the route/module/client table version in the shared store.",
+        minimum=0.05,
+    ),
     # --- Context-7 ------------------------------------------------------
     Knob("VX11_CONTEXT7_ENABLED", "bool", True, "Context-7 sessions on chat-like routes."),
-    Knob("VX11_CONTEXT7_TTL_SECONDS", "int", 3600, "Sliding session TTL from last activity.",
-         minimum=1),
-    Knob("VX11_CONTEXT7_MAX_AGE_SECONDS", "int", 86400, "Absolute session lifetime cap.", minimum=1),
+    Knob(
+        "VX11_CONTEXT7_TTL_SECONDS",
+        "int",
+        3600,
+        "Sliding session TTL from last activity.",
+        minimum=1,
+    ),
+    Knob(
+        "VX11_CONTEXT7_MAX_AGE_SECONDS", "int", 86400, "Absolute session lifetime cap.", minimum=1
+    ),
     Knob("VX11_CONTEXT7_MAX_MESSAGES", "int", 50, "Messages kept per session.", minimum=1),
     # --- circuit breaker ------------------------------------------------
     Knob("VX11_CB_ENABLED", "bool", True, "Per-module circuit breakers."),
-    Knob("VX11_CB_FAILURE_THRESHOLD", "int", 3, "Consecutive failures that open a breaker.",
-         minimum=1),
+    Knob(
+        "VX11_CB_FAILURE_THRESHOLD",
+        "int",
+        3,
+        "Consecutive failures that open a breaker.",
+        minimum=1,
+    ),
     Knob("VX11_CB_RECOVERY_TIMEOUT", "float", 60.0, "Seconds open before half-open.", minimum=0),
-    Knob("VX11_CB_HALF_OPEN_MAX_CALLS", "int", 1, "Concurrent trial calls when half-open.",
-         minimum=1),
+    Knob(
+        "VX11_CB_HALF_OPEN_MAX_CALLS", "int", 1, "Concurrent trial calls when half-open.", minimum=1
+    ),
     Knob("VX11_CB_SUCCESS_THRESHOLD", "int", 1, "Successes in half-open that close it.", minimum=1),
     # --- retries ----------------------------------------------------------
-    Knob("VX11_RETRY_MAX", "int", 3, "Retries after the first attempt (idempotent calls).",
-         minimum=0),
-    Knob("VX11_RETRY_BUDGET_RATIO", "float", 0.2, "Retries allowed as a share of recent requests.",
-         minimum=0),
-    Knob("VX11_RETRY_BUDGET_MIN", "int", 3, "Retries always allowed in flight per module.",
-         minimum=0),
+    Knob(
+        "VX11_RETRY_MAX", "int", 3, "Retries after the first attempt (idempotent calls).", minimum=0
+    ),
+    Knob(
+        "VX11_RETRY_BUDGET_RATIO",
+        "float",
+        0.2,
+        "Retries allowed as a share of recent requests.",
+        minimum=0,
+    ),
+    Knob(
+        "VX11_RETRY_BUDGET_MIN", "int", 3, "Retries always allowed in flight per module.", minimum=0
+    ),
     # --- rate limits ------------------------------------------------------
     Knob("VX11_RATE_LIMIT_ENABLED", "bool", True, "Rate limiting on."),
     Knob("VX11_RATE_LIMIT_ENFORCE", "bool", True, "false: shadow mode (count, do not refuse)."),
     Knob("VX11_RATE_LIMIT_TOKEN", "int", 1000, "Requests per window per client token.", minimum=1),
     Knob("VX11_RATE_LIMIT_IP", "int", 5000, "Requests per window per client IP.", minimum=1),
-    Knob("VX11_RATE_LIMIT_PROTECTED", "int", 100, "Requests per window per client on protected "
-         "routes and /shub paths.", minimum=1),
+    Knob(
+        "VX11_RATE_LIMIT_PROTECTED",
+        "int",
+        100,
+        "Requests per window per client on protected routes and /shub paths.",
+        minimum=1,
+    ),
     Knob("VX11_RATE_LIMIT_WINDOW", "int", 60, "Window length in seconds.", minimum=1),
     Knob("VX11_RATE_LIMIT_FAIL_MODE", "str", "local", "Store failure: local, open or closed."),
-    Knob("VX11_STORE_TIMEOUT", "float", 0.05, "Timeout (s) of one shared-store call on the "
-         "request path.", minimum=0.001),
+    Knob(
+        "VX11_STORE_TIMEOUT",
+        "float",
+        0.05,
+        "Timeout (s) of one shared-store call on the request path.",
+        minimum=0.001,
+    ),
     # --- /shub and cache ----------------------------------------------------
     Knob("VX11_SHUB_STRIP_PREFIX", "bool", True, "Strip /shub before forwarding."),
-    Knob("VX11_SHUB_PUBLIC_PATHS", "list", ["/shub/health", "/shub/ready", "/shub/openapi.json"],
-         "/shub paths that need no token."),
+    Knob(
+        "VX11_SHUB_PUBLIC_PATHS",
+        "list",
+        ["/shub/health", "/shub/ready", "/shub/openapi.json"],
+        "/shub paths that need no token.",
+    ),
     Knob("VX11_SHUB_TIMEOUT", "float", 30.0, "Timeout (s) of a /shub call.", minimum=0.1),
     Knob("VX11_CACHE_ENABLED", "bool", True, "Cache GET /shub/health and /shub/ready."),
     Knob("VX11_CACHE_TTL_HEALTH", "int", 60, "Seconds a health answer is cached.", minimum=1),
@@ -85,10 +136,20 @@ KNOBS: tuple[Knob, ...] = (
     Knob("VX11_QUEUE_MAX", "int", 1000, "Waiters queued per process before shedding.", minimum=0),
     # --- health checks ------------------------------------------------------
     Knob("VX11_HEALTH_INTERVAL", "float", 5.0, "Probe interval while healthy (s).", minimum=0.1),
-    Knob("VX11_HEALTH_INCIDENT_INTERVAL", "float", 1.0, "Probe interval during an incident (s).",
-         minimum=0.1),
-    Knob("VX11_HEALTH_MAX_BACKOFF", "float", 60.0, "Longest probe interval while down (s).",
-         minimum=0.1),
+    Knob(
+        "VX11_HEALTH_INCIDENT_INTERVAL",
+        "float",
+        1.0,
+        "Probe interval during an incident (s).",
+        minimum=0.1,
+    ),
+    Knob(
+        "VX11_HEALTH_MAX_BACKOFF",
+        "float",
+        60.0,
+        "Longest probe interval while down (s).",
+        minimum=0.1,
+    ),
     Knob("VX11_HEALTH_TIMEOUT", "float", 2.0, "Timeout of one probe (s).", minimum=0.1),
     # --- metrics ------------------------------------------------------------
     Knob("VX11_METRICS_ENABLED", "bool", True, "Serve /metrics."),
@@ -104,8 +165,9 @@ def _read(knob: Knob) -> Any:
         case "bool":
             return env_bool(knob.env, knob.default)
         case "int":
-            return env_int(knob.env, knob.default,
-                           minimum=None if knob.minimum is None else int(knob.minimum))
+            return env_int(
+                knob.env, knob.default, minimum=None if knob.minimum is None else int(knob.minimum)
+            )
         case "float":
             return env_float(knob.env, knob.default, minimum=knob.minimum)
         case "list":

@@ -32,8 +32,9 @@ def build_app(name: str) -> web.Application:
         if state["delay"]:
             await asyncio.sleep(state["delay"])
         if state["status"] >= 400:
-            return web.json_response({"error": "demo failure", "module": name},
-                                     status=state["status"])
+            return web.json_response(
+                {"error": "demo failure", "module": name}, status=state["status"]
+            )
         return None
 
     async def health(request: web.Request) -> web.Response:
@@ -54,10 +55,14 @@ def build_app(name: str) -> web.Application:
         data = await body_of(request)
         prompt = data.get("prompt") or data.get("message") or ""
         summary = (data.get("metadata") or {}).get("context_summary", "")
-        return web.json_response({
-            "module": name, "response": f"switch heard: {prompt}",
-            "context_summary_seen": summary, "session_id": data.get("session_id"),
-        })
+        return web.json_response(
+            {
+                "module": name,
+                "response": f"switch heard: {prompt}",
+                "context_summary_seen": summary,
+                "session_id": data.get("session_id"),
+            }
+        )
 
     async def task(request: web.Request) -> web.StreamResponse:
         failed = await faults(request)
@@ -79,8 +84,19 @@ def build_app(name: str) -> web.Application:
         if failed:
             return failed
         data = await body_of(request)
-        return web.json_response({"module": name, "path": request.path, "method": request.method,
-                                  "status": "ok", "received": data})
+        return web.json_response(
+            {
+                "module": name,
+                "path": request.path,
+                "method": request.method,
+                "status": "ok",
+                "received": data,
+            }
+        )
+
+    async def shub_openapi(request: web.Request) -> web.Response:
+        info = {"title": "shub (demo)", "version": "0"}
+        return web.json_response({"openapi": "3.0.0", "info": info, "paths": {}})
 
     app = web.Application()
     app.router.add_get("/health", health)
@@ -90,8 +106,7 @@ def build_app(name: str) -> web.Application:
         app.router.add_post("/switch/route-v5", route_v5)
         app.router.add_post("/switch/task", task)
     if name == "shub":
-        app.router.add_get("/openapi.json", lambda r: web.json_response(
-            {"openapi": "3.0.0", "info": {"title": "shub (demo)", "version": "0"}, "paths": {}}))
+        app.router.add_get("/openapi.json", shub_openapi)
     app.router.add_route("*", "/{tail:.*}", generic)
     return app
 

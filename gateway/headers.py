@@ -5,16 +5,38 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
-})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
 # Never forwarded upstream: gateway credentials, and headers the gateway sets itself.
-DROP_UPSTREAM = HOP_BY_HOP | frozenset({
-    b"host", b"x-vx11-token", b"x-vx11-gw-token", b"x-correlation-id", b"x-request-id",
-    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-by",
-    b"forwarded", b"traceparent", b"tracestate", b"expect",
-})
+DROP_UPSTREAM = HOP_BY_HOP | frozenset(
+    {
+        b"host",
+        b"x-vx11-token",
+        b"x-vx11-gw-token",
+        b"x-correlation-id",
+        b"x-request-id",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-by",
+        b"forwarded",
+        b"traceparent",
+        b"tracestate",
+        b"expect",
+    }
+)
 # Not passed back to the client from the upstream answer.
 DROP_DOWNSTREAM = HOP_BY_HOP | frozenset({b"server", b"date"})
 

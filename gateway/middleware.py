@@ -29,16 +29,20 @@ class CorrelationMiddleware:
     async_capable = True
     sync_capable = True
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]
-                 | Callable[[HttpRequest], Awaitable[HttpResponseBase]]) -> None:
+    def __init__(
+        self,
+        get_response: Callable[[HttpRequest], HttpResponseBase]
+        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
+    ) -> None:
         self.get_response = get_response
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
 
     def _begin(self, request: HttpRequest) -> str:
-        cid = correlation.pick(request.headers.get("X-Correlation-ID"),
-                               request.headers.get("X-Request-ID"))
+        cid = correlation.pick(
+            request.headers.get("X-Correlation-ID"), request.headers.get("X-Request-ID")
+        )
         request.correlation_id = cid  # type: ignore[attr-defined]
         correlation.current.set(cid)
         return cid

@@ -13,6 +13,7 @@ from gateway.validation import (
     METHODS,
     TIMEOUT_MAX,
     TIMEOUT_MIN,
+    as_validator,
     validate_endpoint,
     validate_intent,
     validate_module_name,
@@ -26,12 +27,18 @@ BREAKER_STATES = [("closed", "closed"), ("open", "open"), ("half_open", "half-op
 class Module(models.Model):
     """A backend module. The row overrides the code default and the env URL."""
 
-    name = models.CharField(max_length=40, unique=True, validators=[validate_module_name])
+    name = models.CharField(
+        max_length=40, unique=True, validators=[as_validator(validate_module_name)]
+    )
     url = models.CharField(
-        max_length=255, blank=True, validators=[validate_module_url],
+        max_length=255,
+        blank=True,
+        validators=[as_validator(validate_module_url)],
         help_text="http(s)://host[:port]. Empty: the env override or code default.",
     )
-    health_path = models.CharField(max_length=200, default="/health", validators=[validate_endpoint])
+    health_path = models.CharField(
+        max_length=200, default="/health", validators=[as_validator(validate_endpoint)]
+    )
     enabled = models.BooleanField(default=True)
     # Per-module breaker settings; empty = the VX11_CB_* default.
     failure_threshold = models.PositiveIntegerField(null=True, blank=True)
@@ -41,10 +48,12 @@ class Module(models.Model):
     failure_rate_threshold = models.FloatField(
         null=True, blank=True, help_text="Optional: trip when failures/calls ≥ this (0–1)."
     )
-    window_seconds = models.FloatField(null=True, blank=True,
-                                       help_text="Sliding window for the failure rate.")
-    min_calls = models.PositiveIntegerField(null=True, blank=True,
-                                            help_text="Calls needed in the window to judge a rate.")
+    window_seconds = models.FloatField(
+        null=True, blank=True, help_text="Sliding window for the failure rate."
+    )
+    min_calls = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Calls needed in the window to judge a rate."
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -59,17 +68,21 @@ class Module(models.Model):
         if self.failure_rate_threshold is not None and not 0 < self.failure_rate_threshold <= 1:
             raise ValidationError({"failure_rate_threshold": "Must be between 0 and 1."})
         if (self.failure_rate_threshold is None) != (self.window_seconds is None):
-            raise ValidationError(
-                "Set both the failure-rate threshold and its window, or neither."
-            )
+            raise ValidationError("Set both the failure-rate threshold and its window, or neither.")
 
 
 class Route(models.Model):
     """A database override of the code route table (empty field = inherit the code value)."""
 
-    intent = models.CharField(max_length=40, unique=True, validators=[validate_intent])
-    module = models.CharField(max_length=40, blank=True, validators=[validate_module_name])
-    endpoint = models.CharField(max_length=255, blank=True, validators=[validate_endpoint])
+    intent = models.CharField(
+        max_length=40, unique=True, validators=[as_validator(validate_intent)]
+    )
+    module = models.CharField(
+        max_length=40, blank=True, validators=[as_validator(validate_module_name)]
+    )
+    endpoint = models.CharField(
+        max_length=255, blank=True, validators=[as_validator(validate_endpoint)]
+    )
     method = models.CharField(max_length=8, blank=True, choices=[(m, m) for m in METHODS])
     timeout = models.FloatField(null=True, blank=True, help_text="Seconds, 0.1–600.")
     description = models.CharField(max_length=255, blank=True)
@@ -122,12 +135,14 @@ class ApiClient(models.Model):
 
     name = models.CharField(max_length=100, unique=True)
     token_hash = models.CharField(max_length=64, unique=True, editable=False)
-    token_prefix = models.CharField(max_length=12, editable=False,
-                                    help_text="First characters of the token, to recognise it.")
+    token_prefix = models.CharField(
+        max_length=12, editable=False, help_text="First characters of the token, to recognise it."
+    )
     is_admin = models.BooleanField(default=False, help_text="May use the management API.")
     active = models.BooleanField(default=True)
-    rate_limit = models.PositiveIntegerField(null=True, blank=True,
-                                             help_text="Requests per window; empty = default.")
+    rate_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Requests per window; empty = default."
+    )
     protected_rate_limit = models.PositiveIntegerField(
         null=True, blank=True, help_text="Protected requests per window; empty = default."
     )

@@ -69,8 +69,13 @@ def build_modules(rows: list[ModuleInfo]) -> dict[str, ModuleInfo]:
         if not url:
             log.error("module has no URL", extra={"module": row.name})
             continue
-        table[row.name] = ModuleInfo(row.name, url, row.health_path, row.enabled,
-                                     "database" if row.url else (base.source if base else "code"))
+        table[row.name] = ModuleInfo(
+            row.name,
+            url,
+            row.health_path,
+            row.enabled,
+            "database" if row.url else (base.source if base else "code"),
+        )
     return table
 
 

@@ -37,15 +37,21 @@ async def forward(call: Call, body: Body) -> UpstreamResponse:
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
     call.attempts += 1
     remaining = call.deadline - time.monotonic()
-    return await upstream.send(call.method, call.url, headers, body, max(remaining, 0.001),
-                               unavailable=call.unavailable)
+    return await upstream.send(
+        call.method, call.url, headers, body, max(remaining, 0.001), unavailable=call.unavailable
+    )
 
 
 async def stream_response(call: Call, response: UpstreamResponse, send: Send) -> None:
     finished = False
     try:
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": response_headers(call, response.headers)})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": response_headers(call, response.headers),
+            }
+        )
         async for chunk in response.iter_chunks():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

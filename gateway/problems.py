@@ -21,8 +21,9 @@ class GatewayError(Exception):
     code = "internal_error"
     title = "Internal error"
 
-    def __init__(self, detail: str = "", *, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+    def __init__(
+        self, detail: str = "", *, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail or self.title)
         self.detail = detail or self.title
         self.headers = dict(headers or {})
@@ -54,8 +55,11 @@ class AuthRequired(GatewayError):
     status, code, title = 401, "auth_required", "Authentication required"
 
     def __init__(self, detail: str = "", *, realm: str = "vx11", **extra: Any) -> None:
-        super().__init__(detail or "Send a token in X-VX11-Token or Authorization: Bearer.",
-                         headers={"WWW-Authenticate": f'Bearer realm="{realm}"'}, **extra)
+        super().__init__(
+            detail or "Send a token in X-VX11-Token or Authorization: Bearer.",
+            headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
+            **extra,
+        )
 
 
 class Forbidden(GatewayError):
@@ -74,8 +78,9 @@ class MethodNotAllowed(GatewayError):
     status, code, title = 405, "method_not_allowed", "Method not allowed"
 
     def __init__(self, allowed: list[str], detail: str = "") -> None:
-        super().__init__(detail or f"Allowed: {', '.join(allowed)}.",
-                         headers={"Allow": ", ".join(allowed)})
+        super().__init__(
+            detail or f"Allowed: {', '.join(allowed)}.", headers={"Allow": ", ".join(allowed)}
+        )
 
 
 class InvalidRequest(GatewayError):
@@ -90,9 +95,11 @@ class TooManyRequests(GatewayError):
     status, code, title = 429, "too_many_requests", "Too many requests"
 
     def __init__(self, scope: str, retry_after: float, headers: list[tuple[str, str]]) -> None:
-        super().__init__(f"Rate limit for scope {scope!r} reached; retry in "
-                         f"{retry_after_value(retry_after)} s.",
-                         scope=scope, retry_after=math.ceil(retry_after))
+        super().__init__(
+            f"Rate limit for scope {scope!r} reached; retry in {retry_after_value(retry_after)} s.",
+            scope=scope,
+            retry_after=math.ceil(retry_after),
+        )
         self.headers = dict(headers)
         self.headers.setdefault("Retry-After", retry_after_value(retry_after))
 
@@ -101,19 +108,26 @@ class CircuitOpen(GatewayError):
     status, code, title = 503, "circuit_open", "Circuit open"
 
     def __init__(self, module: str, retry_after: float, state: str = "open") -> None:
-        super().__init__(f"Module {module!r} is failing; calls are refused for "
-                         f"{retry_after_value(retry_after)} s.",
-                         headers={"Retry-After": retry_after_value(retry_after)},
-                         module=module, state=state, retry_after=math.ceil(retry_after))
+        super().__init__(
+            f"Module {module!r} is failing; calls are refused for "
+            f"{retry_after_value(retry_after)} s.",
+            headers={"Retry-After": retry_after_value(retry_after)},
+            module=module,
+            state=state,
+            retry_after=math.ceil(retry_after),
+        )
 
 
 class ServiceOverloaded(GatewayError):
     status, code, title = 503, "service_overloaded", "Service overloaded"
 
     def __init__(self, retry_after: float = 1.0, **extra: Any) -> None:
-        super().__init__("The gateway is at capacity; retry shortly.",
-                         headers={"Retry-After": retry_after_value(retry_after)},
-                         retry_after=math.ceil(retry_after), **extra)
+        super().__init__(
+            "The gateway is at capacity; retry shortly.",
+            headers={"Retry-After": retry_after_value(retry_after)},
+            retry_after=math.ceil(retry_after),
+            **extra,
+        )
 
 
 class UpstreamUnavailable(GatewayError):
@@ -136,5 +150,6 @@ class InternalError(GatewayError):
     status, code, title = 500, "internal_error", "Internal error"
 
     def __init__(self) -> None:
-        super().__init__("An unexpected error occurred; it has been logged with the "
-                         "correlation id.")
+        super().__init__(
+            "An unexpected error occurred; it has been logged with the correlation id."
+        )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from gateway import auth, correlation
-from gateway.asgi_util import Receive, Scope, Send, send_bytes
+from gateway.asgi_util import Message, Receive, Scope, Send, send_bytes
 from gateway.conf import gw
 from gateway.headers import DROP_DOWNSTREAM, DROP_UPSTREAM, client_ip, connection_listed
 from gateway.modules import ModuleInfo
@@ -170,7 +170,7 @@ def check_shub_path(raw_path: str) -> str:
         if nxt == decoded:
             break
         decoded = nxt
-    if _CONTROL.search(decoded) or "%" in decoded and _CONTROL.search(unquote(decoded)):
+    if _CONTROL.search(decoded) or ("%" in decoded and _CONTROL.search(unquote(decoded))):
         raise InvalidRequest("The path contains control characters or backslashes.")
     segments = decoded.split("/")
     if ".." in segments or "." in segments or "//" in decoded:
@@ -191,14 +191,15 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope["headers"]
-        cid = correlation.pick(_first(headers, b"x-correlation-id"),
-                               _first(headers, b"x-request-id"))
+        cid = correlation.pick(
+            _first(headers, b"x-correlation-id"), _first(headers, b"x-request-id")
+        )
         token = correlation.current.set(cid)
         started = time.monotonic()
         response_started = False
         call: Call | None = None
 
-        async def guarded_send(message: dict[str, object]) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
@@ -207,7 +208,10 @@ class ProxyApp:
         try:
             call = await self.build_call(scope, cid)
             await self.pipeline.handle(call, receive, guarded_send)
-        except GatewayError as exc:
+        except GatewayError:
+            if call is not None and call.client_gone:
+                log.info("client disconnected before sending its whole request")
+                return
             if call is not None and call.body_error is not None:
                 exc = call.body_error
             if not response_started:
@@ -227,12 +231,15 @@ class ProxyApp:
         finally:
             elapsed = time.monotonic() - started
             if elapsed > 1.0:
-                log.info("slow proxied request", extra={"path": scope["path"],
-                                                        "seconds": round(elapsed, 3)})
+                log.info(
+                    "slow proxied request",
+                    extra={"path": scope["path"], "seconds": round(elapsed, 3)},
+                )
             correlation.current.reset(token)
 
-    async def send_problem(self, send: Send, exc: GatewayError, cid: str,
-                           call: Call | None) -> None:
+    async def send_problem(
+        self, send: Send, exc: GatewayError, cid: str, call: Call | None
+    ) -> None:
         status, headers, body = exc.render(cid)
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         raw.append((b"x-correlation-id", cid.encode()))
@@ -247,30 +254,47 @@ class ProxyApp:
         method = scope["method"]
         if path.startswith(INTENT_PREFIX):
             return self._intent_call(scope, cid, snapshot, method, path)
-        return self._shub_call(scope, cid, snapshot, method,
-                               raw_path.decode("latin-1") if raw_path else path)
+        return self._shub_call(
+            scope, cid, snapshot, method, raw_path.decode("latin-1") if raw_path else path
+        )
 
-    def _intent_call(self, scope: Scope, cid: str, snapshot: Snapshot, method: str,
-                     path: str) -> Call:
-        intent = path[len(INTENT_PREFIX):].rstrip("/")
+    def _intent_call(
+        self, scope: Scope, cid: str, snapshot: Snapshot, method: str, path: str
+    ) -> Call:
+        intent = path[len(INTENT_PREFIX) :].rstrip("/")
         route = snapshot.routes.get(intent) if INTENT_RE.match(intent) else None
         if route is not None and not route.enabled:
             route = None
-        principal = self._authenticate(scope, snapshot, required=route is None
-                                       or route.auth_required)
+        principal = self._authenticate(
+            scope, snapshot, required=route is None or route.auth_required
+        )
         if route is None:
             raise UnknownIntent(f"No route for intent {intent[:40]!r}.", intent=intent[:40])
         if method != "POST":
             raise MethodNotAllowed(["POST"])
         module = snapshot.modules.get(route.module)
         if module is None or not module.enabled:
-            raise UpstreamUnavailable(f"Module {route.module!r} is not configured or disabled.",
-                                      module=route.module)
-        return self._call(scope, cid, snapshot, "intent", route.method, route.endpoint, principal,
-                          module, route, float(route.timeout), route.priority, route.protected)
+            raise UpstreamUnavailable(
+                f"Module {route.module!r} is not configured or disabled.", module=route.module
+            )
+        return self._call(
+            scope,
+            cid,
+            snapshot,
+            "intent",
+            route.method,
+            route.endpoint,
+            principal,
+            module,
+            route,
+            float(route.timeout),
+            route.priority,
+            route.protected,
+        )
 
-    def _shub_call(self, scope: Scope, cid: str, snapshot: Snapshot, method: str,
-                   raw_path: str) -> Call:
+    def _shub_call(
+        self, scope: Scope, cid: str, snapshot: Snapshot, method: str, raw_path: str
+    ) -> Call:
         raw_path = raw_path.split("?", 1)[0]
         check_shub_path(raw_path)
         public = raw_path in gw.shub_public_paths
@@ -281,8 +305,9 @@ class ProxyApp:
             if gw.auth_enabled:
                 ok = auth.check_gateway_token(_first(scope["headers"], b"x-vx11-gw-token"))
                 if ok is None:
-                    raise AuthRequired("Send the gateway token in X-VX11-GW-Token.",
-                                       realm="vx11-gateway")
+                    raise AuthRequired(
+                        "Send the gateway token in X-VX11-GW-Token.", realm="vx11-gateway"
+                    )
                 if not ok:
                     raise Forbidden("The gateway token is not valid.")
                 principal = auth.Principal("gateway", "gw:" + _gw_id(scope), "gateway", False)
@@ -293,32 +318,71 @@ class ProxyApp:
             raise ShubUnavailable("Module 'shub' is not configured or disabled.", module="shub")
         upstream_path = raw_path
         if gw.shub_strip_prefix:
-            upstream_path = raw_path[len(SHUB_PREFIX):] or "/"
+            upstream_path = raw_path[len(SHUB_PREFIX) :] or "/"
         priority = "health" if raw_path in ("/shub/health", "/shub/ready") else "other"
-        return self._call(scope, cid, snapshot, "shub", method, upstream_path, principal, module,
-                          None, float(gw.shub_timeout), priority, not public)
+        return self._call(
+            scope,
+            cid,
+            snapshot,
+            "shub",
+            method,
+            upstream_path,
+            principal,
+            module,
+            None,
+            float(gw.shub_timeout),
+            priority,
+            not public,
+        )
 
-    def _call(self, scope: Scope, cid: str, snapshot: Snapshot, kind: str, method: str,
-              upstream_path: str, principal: auth.Principal, module: ModuleInfo,
-              route: RouteConfig | None, timeout: float, priority: str,
-              protected: bool) -> Call:
+    def _call(
+        self,
+        scope: Scope,
+        cid: str,
+        snapshot: Snapshot,
+        kind: str,
+        method: str,
+        upstream_path: str,
+        principal: auth.Principal,
+        module: ModuleInfo,
+        route: RouteConfig | None,
+        timeout: float,
+        priority: str,
+        protected: bool,
+    ) -> Call:
         peer = (scope.get("client") or ("127.0.0.1", 0))[0]
-        ip, forwarded = client_ip(peer, _first(scope["headers"], b"x-forwarded-for"),
-                                  list(gw.trusted_proxies))
+        ip, forwarded = client_ip(
+            peer, _first(scope["headers"], b"x-forwarded-for"), list(gw.trusted_proxies)
+        )
         length = declared_length(scope)
         if length is not None and length > int(gw.max_body_bytes):
             raise PayloadTooLarge(f"The request body exceeds {gw.max_body_bytes} bytes.")
-        call = Call(kind, method, upstream_path, scope.get("query_string", b""), scope, cid, ip,
-                    forwarded, principal, module, route, timeout, priority, protected, snapshot)
+        call = Call(
+            kind,
+            method,
+            upstream_path,
+            scope.get("query_string", b""),
+            scope,
+            cid,
+            ip,
+            forwarded,
+            principal,
+            module,
+            route,
+            timeout,
+            priority,
+            protected,
+            snapshot,
+        )
         call.deadline = call.started + timeout
         call.drop_authorization = self._authorization_is_gateway_credential(scope, snapshot)
         return call
 
-    def _authenticate(self, scope: Scope, snapshot: Snapshot, *,
-                      required: bool) -> auth.Principal:
+    def _authenticate(self, scope: Scope, snapshot: Snapshot, *, required: bool) -> auth.Principal:
         headers = scope["headers"]
-        token = auth.client_token(_first(headers, b"x-vx11-token"),
-                                  _first(headers, b"authorization"))
+        token = auth.client_token(
+            _first(headers, b"x-vx11-token"), _first(headers, b"authorization")
+        )
         if not gw.auth_enabled:
             return auth.AUTH_DISABLED
         if token is None:
@@ -350,12 +414,17 @@ def _gw_id(scope: Scope) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-def response_headers(call: Call, upstream_headers: list[tuple[bytes, bytes]],
-                     ) -> list[tuple[bytes, bytes]]:
+def response_headers(
+    call: Call,
+    upstream_headers: list[tuple[bytes, bytes]],
+) -> list[tuple[bytes, bytes]]:
     """Upstream headers minus hop-by-hop, plus the gateway's own."""
     listed = connection_listed(upstream_headers)
-    out = [(k.lower(), v) for k, v in upstream_headers
-           if k.lower() not in DROP_DOWNSTREAM and k.lower() not in listed]
+    out = [
+        (k.lower(), v)
+        for k, v in upstream_headers
+        if k.lower() not in DROP_DOWNSTREAM and k.lower() not in listed
+    ]
     out.append((b"x-correlation-id", call.correlation_id.encode()))
     if call.route is not None:
         out.append((b"x-vx11-intent", call.route.intent.encode()))

@@ -61,24 +61,78 @@ class RouteConfig:
 CODE_ROUTES: dict[str, RouteConfig] = {
     r.intent: r
     for r in (
-        RouteConfig("switch", "/switch/route-v5", "POST", 15, "Chat through the switch",
-                    context7=True, intent=IntentType.CHAT),
-        RouteConfig("switch", "/switch/route-v5", "POST", 20, "Code generation through the switch",
-                    context7=True, intent=IntentType.CODE),
-        RouteConfig("hermes", "/hermes/analyze-audio", "POST", 30, "Audio analysis",
-                    protected=True, intent=IntentType.AUDIO),
-        RouteConfig("madre", "/madre/task", "POST", 60, "Analysis task for madre",
-                    priority="analysis", protected=True, intent=IntentType.ANALYSIS),
+        RouteConfig(
+            "switch",
+            "/switch/route-v5",
+            "POST",
+            15,
+            "Chat through the switch",
+            context7=True,
+            intent=IntentType.CHAT,
+        ),
+        RouteConfig(
+            "switch",
+            "/switch/route-v5",
+            "POST",
+            20,
+            "Code generation through the switch",
+            context7=True,
+            intent=IntentType.CODE,
+        ),
+        RouteConfig(
+            "hermes",
+            "/hermes/analyze-audio",
+            "POST",
+            30,
+            "Audio analysis",
+            protected=True,
+            intent=IntentType.AUDIO,
+        ),
+        RouteConfig(
+            "madre",
+            "/madre/task",
+            "POST",
+            60,
+            "Analysis task for madre",
+            priority="analysis",
+            protected=True,
+            intent=IntentType.ANALYSIS,
+        ),
         RouteConfig("switch", "/switch/task", "POST", 60, "Generic task", intent=IntentType.TASK),
-        RouteConfig("spawner", "/spawn", "POST", 120, "Spawn a worker", protected=True,
-                    intent=IntentType.SPAWN),
-        RouteConfig("switch", "/switch/task", "POST", 300, "Streamed task", streaming=True,
-                    intent=IntentType.STREAM),
+        RouteConfig(
+            "spawner",
+            "/spawn",
+            "POST",
+            120,
+            "Spawn a worker",
+            protected=True,
+            intent=IntentType.SPAWN,
+        ),
+        RouteConfig(
+            "switch",
+            "/switch/task",
+            "POST",
+            300,
+            "Streamed task",
+            streaming=True,
+            intent=IntentType.STREAM,
+        ),
     )
 }
 
-_OVERRIDABLE = ("module", "endpoint", "method", "timeout", "description", "auth_required",
-                "priority", "protected", "streaming", "context7", "retry_post")
+_OVERRIDABLE = (
+    "module",
+    "endpoint",
+    "method",
+    "timeout",
+    "description",
+    "auth_required",
+    "priority",
+    "protected",
+    "streaming",
+    "context7",
+    "retry_post",
+)
 
 
 def overlay(row: Route) -> RouteConfig:

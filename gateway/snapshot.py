@@ -97,7 +97,9 @@ class SnapshotHolder:
 
     async def _store_version(self) -> int | None:
         try:
-            raw = await asyncio.wait_for(store.async_client().get(VERSION_KEY), gw.store_timeout * 4)
+            raw = await asyncio.wait_for(
+                store.async_client().get(VERSION_KEY), gw.store_timeout * 4
+            )
         except Exception:
             return None  # store unreachable: keep serving what we have
         return int(raw or 0)

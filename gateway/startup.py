@@ -25,8 +25,10 @@ def check_production_auth() -> None:
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(message)
     if not gw.auth_enabled:
-        log.warning("AUTHENTICATION IS DISABLED (VX11_AUTH_ENABLED=false): development only, "
-                    "every caller has operator rights")
+        log.warning(
+            "AUTHENTICATION IS DISABLED (VX11_AUTH_ENABLED=false): development only, "
+            "every caller has operator rights"
+        )
 
 
 class HttpDispatcher:

@@ -31,11 +31,16 @@ def session() -> aiohttp.ClientSession:
     client = _sessions.get(id(loop))
     if client is None or client.closed:
         connector = aiohttp.TCPConnector(
-            limit=int(gw.upstream_pool_size), limit_per_host=0, ttl_dns_cache=300,
-            keepalive_timeout=30, enable_cleanup_closed=True,
+            limit=int(gw.upstream_pool_size),
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            keepalive_timeout=30,
+            enable_cleanup_closed=True,
         )
         client = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None),
         )
@@ -92,9 +97,15 @@ class UpstreamResponse:
 Body = bytes | AsyncIterator[bytes] | None
 
 
-async def send(method: str, url: str, headers: list[tuple[str, str]], body: Body,
-               timeout: float, *, unavailable: type[GatewayError] = UpstreamUnavailable,
-               ) -> UpstreamResponse:
+async def send(
+    method: str,
+    url: str,
+    headers: list[tuple[str, str]],
+    body: Body,
+    timeout: float,
+    *,
+    unavailable: type[GatewayError] = UpstreamUnavailable,
+) -> UpstreamResponse:
     """Send one request; the answer's body is read later by the caller (streaming).
 
     ``timeout`` bounds the whole exchange, the body read included. Errors come
@@ -103,17 +114,22 @@ async def send(method: str, url: str, headers: list[tuple[str, str]], body: Body
     """
     try:
         response = await session().request(
-            method, url, headers=headers, data=body, allow_redirects=False,
+            method,
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0)),
-            compress=None, chunked=None,
+            compress=None,
+            chunked=None,
         )
     except TimeoutError as exc:
         raise UpstreamTimeout(f"The module did not answer within {timeout:g} s.") from exc
     except aiohttp.ClientConnectorError as exc:
-        raise unavailable(f"Cannot connect to the module: {exc.os_error.strerror or exc}.") \
-            from exc
-    except (aiohttp.ClientResponseError, aiohttp.ServerDisconnectedError,
-            aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+        raise unavailable(f"Cannot connect to the module: {exc.os_error.strerror or exc}.") from exc
+    except aiohttp.ClientError as exc:
+        # Also where our own request-body stream failed (too large, client gone):
+        # the caller replaces this with the body's own error.
         raise BadGateway(f"The module sent no valid answer: {type(exc).__name__}.") from exc
     raw = response.raw_headers
     return UpstreamResponse(response.status, list(raw), response)

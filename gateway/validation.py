@@ -6,6 +6,9 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
+from collections.abc import Callable
+from typing import Any
+
 from django.core.exceptions import ValidationError
 
 MODULE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -25,7 +28,7 @@ def _is_ip(host: str) -> bool:
 
 def validate_module_url(value: str) -> str:
     """``http(s)://host[:port]`` and nothing else: no path, query, credentials or tricks."""
-    raw = value.strip()
+    raw = value
     if not raw or any(ord(c) < 33 or c in "\\" for c in raw):
         raise ValidationError(f"Module URL {value!r} must be http(s)://host[:port] without spaces.")
     parts = urlsplit(raw)
@@ -87,3 +90,13 @@ def validate_intent(value: str) -> str:
             "Intent: lowercase letters, digits, '-' or '_', starting with a letter (max 40)."
         )
     return value
+
+
+def as_validator(check: Callable[[Any], Any]) -> Callable[[Any], None]:
+    """A model-field validator from a normalising check (Django validators return None)."""
+
+    def validator(value: Any) -> None:
+        check(value)
+
+    validator.__name__ = check.__name__
+    return validator

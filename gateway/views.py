@@ -45,18 +45,21 @@ async def ready(request: HttpRequest) -> JsonResponse:
     """Ready when the database and the cache answer."""
     try:
         db_error, cache_error = await asyncio.wait_for(
-            asyncio.gather(sync_to_async(_db_ok)(), sync_to_async(_cache_ok)()), timeout=3.0)
+            asyncio.gather(sync_to_async(_db_ok)(), sync_to_async(_cache_ok)()), timeout=3.0
+        )
     except TimeoutError:
         db_error = cache_error = "timeout"
     checks = {"database": db_error or "ok", "cache": cache_error or "ok"}
     ok = db_error is None and cache_error is None
-    return JsonResponse({"status": "ready" if ok else "not_ready", "checks": checks},
-                        status=200 if ok else 503)
+    return JsonResponse(
+        {"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503
+    )
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
-    return problem_response(NotFound(f"No endpoint at {request.path[:200]!r}."),
-                            correlation.current.get())
+    return problem_response(
+        NotFound(f"No endpoint at {request.path[:200]!r}."), correlation.current.get()
+    )
 
 
 def server_error(request: HttpRequest) -> HttpResponse:

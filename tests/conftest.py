@@ -62,8 +62,6 @@ def upstream() -> Iterator[UpstreamServer]:
     server.stop()
 
 
-
-
 # --------------------------------------------------------------------------- gateway
 
 
@@ -76,8 +74,17 @@ from tests.servers import free_port, wait_for_port  # noqa: E402
 
 OPERATOR_TOKEN = "test-operator-token-0123456789"
 GATEWAY_TOKEN = "test-gateway-token-0123456789"
-MODULE_NAMES = ("madre", "switch", "hermes", "hormiguero", "manifestator", "mcp", "shub",
-                "spawner", "operator")
+MODULE_NAMES = (
+    "madre",
+    "switch",
+    "hermes",
+    "hormiguero",
+    "manifestator",
+    "mcp",
+    "shub",
+    "spawner",
+    "operator",
+)
 
 
 class LiveGateway:
@@ -93,9 +100,19 @@ class LiveGateway:
         from vx11site.asgi import application
 
         self.port = free_port()
-        config = uvicorn.Config(application, host="127.0.0.1", port=self.port, lifespan="on",
-                                log_level="warning", access_log=False, loop="asyncio",
-                                http="h11", ws="none", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            application,
+            host="127.0.0.1",
+            port=self.port,
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            loop="asyncio",
+            proxy_headers=False,
+            http="h11",
+            ws="none",
+            timeout_graceful_shutdown=1,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="live-gateway")
 
@@ -151,8 +168,12 @@ def gw_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[GwEnv]:
     from gateway.snapshot import holder
 
     env = GwEnv(monkeypatch)
-    env.set(VX11_TOKEN=OPERATOR_TOKEN, VX11_GATEWAY_TOKEN=GATEWAY_TOKEN, VX11_REDIS_URL=None,
-            VX11_AUTH_ENABLED=None)
+    env.set(
+        VX11_TOKEN=OPERATOR_TOKEN,
+        VX11_GATEWAY_TOKEN=GATEWAY_TOKEN,
+        VX11_REDIS_URL=None,
+        VX11_AUTH_ENABLED=None,
+    )
     yield env
     monkeypatch.undo()
     gw.reload()
@@ -161,8 +182,9 @@ def gw_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[GwEnv]:
 
 
 @pytest.fixture
-def gateway(_live_gateway: LiveGateway, transactional_db: None, gw_env: GwEnv,
-            upstream: UpstreamServer) -> Iterator[LiveGateway]:
+def gateway(
+    _live_gateway: LiveGateway, transactional_db: None, gw_env: GwEnv, upstream: UpstreamServer
+) -> Iterator[LiveGateway]:
     """A live gateway whose every module points at the ``upstream`` test server."""
     gw_env.set(**{f"VX11_MODULE_{name.upper()}_URL": upstream.url for name in MODULE_NAMES})
     yield _live_gateway
@@ -200,4 +222,4 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
         if predicate():
             return True
         time.sleep(interval)
-    return predicate()
+    return bool(predicate())

@@ -28,8 +28,9 @@ def main(argv: list[str]) -> int:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     started = time.monotonic()
     code = pytest(base, env)
-    print(f"==> SQLite pass finished in {time.monotonic() - started:.0f}s (exit {code})",
-          flush=True)
+    print(
+        f"==> SQLite pass finished in {time.monotonic() - started:.0f}s (exit {code})", flush=True
+    )
     pg = PostgresServer().start()
     try:
         pg_env = {**env, "DATABASE_URL": pg.url}
@@ -38,8 +39,9 @@ def main(argv: list[str]) -> int:
         pg.close()
     if pg_code == 5:  # no db_backend test selected (e.g. a -k filter)
         pg_code = 0
-    print(f"==> PostgreSQL pass exit {pg_code}; total {time.monotonic() - started:.0f}s",
-          flush=True)
+    print(
+        f"==> PostgreSQL pass exit {pg_code}; total {time.monotonic() - started:.0f}s", flush=True
+    )
     return code or pg_code
 
 

@@ -72,10 +72,27 @@ class RedisServer:
                 "redis-server not found: install it (Debian: apt-get install -y redis-server)"
             )
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
-             "--protected-mode", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
         return self
@@ -113,9 +130,11 @@ class PostgresServer:
     ``postgres`` system user (created by Debian's package).
     """
 
-    BIN_DIRS = sorted(
-        (str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")), reverse=True
-    ) if Path("/usr/lib/postgresql").exists() else []
+    BIN_DIRS = (
+        sorted((str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")), reverse=True)
+        if Path("/usr/lib/postgresql").exists()
+        else []
+    )
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -146,25 +165,61 @@ class PostgresServer:
             shutil.chown(self.dir, "postgres")
         if not os.path.exists(self.data):
             subprocess.run(
-                self._cmd([self._exe("initdb"), "-D", self.data, "-U", "postgres", "-A", "trust",
-                           "-E", "UTF8", "--no-sync"]),
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                self._cmd(
+                    [
+                        self._exe("initdb"),
+                        "-D",
+                        self.data,
+                        "-U",
+                        "postgres",
+                        "-A",
+                        "trust",
+                        "-E",
+                        "UTF8",
+                        "--no-sync",
+                    ]
+                ),
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
         self.proc = subprocess.Popen(
-            self._cmd([self._exe("postgres"), "-D", self.data, "-p", str(self.port),
-                       "-h", "127.0.0.1", "-k", self.dir, "-c", "fsync=off",
-                       "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                       "-c", "max_connections=200"]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            self._cmd(
+                [
+                    self._exe("postgres"),
+                    "-D",
+                    self.data,
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    self.dir,
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=200",
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, timeout=30)
         # The port opens before the server accepts queries; wait for a real answer.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            ok = subprocess.run(
-                [self._exe("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ).returncode == 0
+            ok = (
+                subprocess.run(
+                    [self._exe("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ).returncode
+                == 0
+            )
             if ok:
                 return self
             time.sleep(0.05)
@@ -217,8 +272,14 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         payload = json.loads(body) if body else None
     except ValueError:
         payload = body.decode("utf-8", "replace")
-    return web.json_response({"echo": payload, "path": request.path, "method": request.method,
-                              "query": request.query_string})
+    return web.json_response(
+        {
+            "echo": payload,
+            "path": request.path,
+            "method": request.method,
+            "query": request.query_string,
+        }
+    )
 
 
 @dataclass
@@ -245,8 +306,15 @@ class UpstreamServer:
     def route(self, method: str, path: str, handler: Handler, *, read_body: bool = True) -> None:
         self.handlers[(method.upper(), path)] = (handler, read_body)
 
-    def respond(self, method: str, path: str, status: int = 200, body: Any = None,
-                headers: dict[str, str] | None = None, delay: float = 0.0) -> None:
+    def respond(
+        self,
+        method: str,
+        path: str,
+        status: int = 200,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        delay: float = 0.0,
+    ) -> None:
         """Answer ``method path`` with a fixed JSON (or bytes) body after ``delay`` seconds."""
 
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -254,18 +322,18 @@ class UpstreamServer:
                 await asyncio.sleep(delay)
             if isinstance(body, bytes):
                 return web.Response(status=status, body=body, headers=headers)
-            return web.json_response(body if body is not None else {"ok": status < 400},
-                                     status=status, headers=headers)
+            return web.json_response(
+                body if body is not None else {"ok": status < 400}, status=status, headers=headers
+            )
 
         self.route(method, path, handler)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        handler, read_body = self.handlers.get(
-            (request.method, request.path), (self.default, True)
-        )
+        handler, read_body = self.handlers.get((request.method, request.path), (self.default, True))
         body = await request.read() if read_body else b""
-        self.seen.append(Seen(request.method, request.path, request.query_string,
-                              dict(request.headers), body))
+        self.seen.append(
+            Seen(request.method, request.path, request.query_string, dict(request.headers), body)
+        )
         return await handler(request)
 
     def start(self) -> UpstreamServer:
@@ -321,3 +389,97 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_main(sys.argv))
+
+
+# --------------------------------------------------------------------------- gateway processes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fresh_database_url(base_url: str | None, workdir: str) -> str:
+    """A new empty database: a database in the PostgreSQL at ``base_url``, else a SQLite file."""
+    if base_url and base_url.startswith("postgres"):
+        import uuid
+
+        import psycopg
+
+        name = "vx11_mp_" + uuid.uuid4().hex[:10]
+        with psycopg.connect(base_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return base_url.rsplit("/", 1)[0] + "/" + name
+    return f"sqlite:///{workdir}/gateway.sqlite3"
+
+
+class GatewayProcess:
+    """A real gateway: ``uvicorn vx11site.asgi:application`` in its own OS process."""
+
+    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 1) -> None:
+        self.port = port or free_port()
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "VX11_LOG_LEVEL": "WARNING", **env}
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="vx11-gw-", suffix=".log", delete=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @staticmethod
+    def migrate(env: dict[str, str]) -> None:
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "-v0"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            check=True,
+        )
+
+    def start(self) -> GatewayProcess:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "vx11site.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+                "--no-access-log",
+                "--no-proxy-headers",
+                "--log-level",
+                "warning",
+                "--timeout-graceful-shutdown",
+                "2",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port(self.port, timeout=30)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"gateway did not start:\n{self.output()[-3000:]}") from None
+        return self
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None

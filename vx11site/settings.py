@@ -101,7 +101,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "vx11.sqlite3",
+            "NAME": str(VAR_DIR / "vx11.sqlite3"),
             # WAL + busy timeout: the health worker and the web process share the file.
             "OPTIONS": {
                 "timeout": 20,

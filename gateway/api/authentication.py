@@ -43,8 +43,9 @@ def principal_for_token(token: str) -> auth.Principal | None:
     client = ApiClient.objects.filter(token_hash=hash_token(token), active=True).first()
     if client is None:
         return None
-    info = ClientInfo(client.id, client.name, client.is_admin, client.rate_limit,
-                      client.protected_rate_limit)
+    info = ClientInfo(
+        client.id, client.name, client.is_admin, client.rate_limit, client.protected_rate_limit
+    )
     return auth.authenticate(token, Snapshot(0, {}, {}, {client.token_hash: info}))
 
 
@@ -62,8 +63,9 @@ def principal_of(request: Request) -> auth.Principal | None:
 
 class GatewayTokenAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[Any, Any] | None:
-        token = auth.client_token(request.headers.get("X-VX11-Token"),
-                                  request.headers.get("Authorization"))
+        token = auth.client_token(
+            request.headers.get("X-VX11-Token"), request.headers.get("Authorization")
+        )
         if token is None:
             return None
         if not gw.auth_enabled:

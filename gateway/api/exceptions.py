@@ -28,13 +28,14 @@ def to_gateway_error(exc: Exception) -> GatewayError | None:
         return NotFound(str(exc) if str(exc) else "Not found.")
     if isinstance(exc, exceptions.NotAuthenticated):
         return AuthRequired()
-    if isinstance(exc, exceptions.AuthenticationFailed | exceptions.PermissionDenied
-                  | DjangoPermissionDenied):
+    if isinstance(
+        exc, exceptions.AuthenticationFailed | exceptions.PermissionDenied | DjangoPermissionDenied
+    ):
         return Forbidden(str(getattr(exc, "detail", "")) or "Not allowed.")
     if isinstance(exc, exceptions.MethodNotAllowed):
         return MethodNotAllowed([], str(exc.detail))
     if isinstance(exc, exceptions.Throttled):
-        return TooManyRequests("management", float(exc.wait or 1), [])
+        return TooManyRequests("management", float(getattr(exc, "wait", None) or 1), [])
     if isinstance(exc, exceptions.ValidationError):
         return InvalidRequest("The request has invalid fields.", errors=exc.detail)
     if isinstance(exc, exceptions.APIException):
@@ -57,5 +58,9 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
     request = context.get("request")
     renderer = getattr(request, "accepted_renderer", None)
     is_json = renderer is None or getattr(renderer, "format", "json") == "json"
-    return Response(body, status=error.status, headers=headers,
-                    content_type="application/problem+json" if is_json else None)
+    return Response(
+        body,
+        status=error.status,
+        headers=headers,
+        content_type="application/problem+json" if is_json else None,
+    )

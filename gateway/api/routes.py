@@ -17,36 +17,52 @@ from gateway.models import Route
 from gateway.problems import InvalidRequest, NotFound
 from gateway.routes import CODE_ROUTES, build_routes
 
-
 _BLANK: dict[str, Any] = {
-    "module": "", "endpoint": "", "method": "", "timeout": None, "description": "",
-    "auth_required": None, "priority": "", "protected": None, "streaming": None,
-    "context7": None, "retry_post": None, "enabled": True,
+    "module": "",
+    "endpoint": "",
+    "method": "",
+    "timeout": None,
+    "description": "",
+    "auth_required": None,
+    "priority": "",
+    "protected": None,
+    "streaming": None,
+    "context7": None,
+    "retry_post": None,
+    "enabled": True,
 }
 
 
 def effective_table() -> dict[str, Any]:
-    return {intent: cfg.as_dict() for intent, cfg in build_routes(list(Route.objects.all())).items()}
+    return {
+        intent: cfg.as_dict() for intent, cfg in build_routes(list(Route.objects.all())).items()
+    }
 
 
 def effective_route(intent: str) -> dict[str, Any]:
     table = effective_table()
     if intent not in table:
         raise NotFound(f"No route for intent {intent[:40]!r}.")
-    return table[intent]
+    entry: dict[str, Any] = table[intent]
+    return entry
 
 
 class RouteListView(APIView):
     permission_classes = [ReadClientWriteAdmin]
 
-    @extend_schema(responses=EffectiveRouteSerializer(many=True),
-                   summary="The effective route table (code defaults overlaid by overrides)")
+    @extend_schema(
+        responses=EffectiveRouteSerializer(many=True),
+        summary="The effective route table (code defaults overlaid by overrides)",
+    )
     def get(self, request: Request) -> Response:
         routes = sorted(effective_table().values(), key=lambda r: r["intent"])
         return Response({"routes": routes, "count": len(routes)})
 
-    @extend_schema(request=RouteSerializer, responses={201: EffectiveRouteSerializer},
-                   summary="Register an override or a new intent (admin)")
+    @extend_schema(
+        request=RouteSerializer,
+        responses={201: EffectiveRouteSerializer},
+        summary="Register an override or a new intent (admin)",
+    )
     def post(self, request: Request) -> Response:
         serializer = RouteSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -76,21 +92,31 @@ class RouteDetailView(APIView):
         with transaction.atomic():
             serializer.save()
         created = row is None
-        return Response(effective_route(intent),
-                        status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+        return Response(
+            effective_route(intent),
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        )
 
-    @extend_schema(request=RouteSerializer, responses=EffectiveRouteSerializer,
-                   summary="Replace the override of an intent (admin)")
+    @extend_schema(
+        request=RouteSerializer,
+        responses=EffectiveRouteSerializer,
+        summary="Replace the override of an intent (admin)",
+    )
     def put(self, request: Request, intent: str) -> Response:
         return self._save(request, intent, partial=False)
 
-    @extend_schema(request=RouteSerializer, responses=EffectiveRouteSerializer,
-                   summary="Change fields of the override of an intent (admin)")
+    @extend_schema(
+        request=RouteSerializer,
+        responses=EffectiveRouteSerializer,
+        summary="Change fields of the override of an intent (admin)",
+    )
     def patch(self, request: Request, intent: str) -> Response:
         return self._save(request, intent, partial=True)
 
-    @extend_schema(responses={200: EffectiveRouteSerializer, 204: None},
-                   summary="Remove an override; a code intent falls back to its default (admin)")
+    @extend_schema(
+        responses={200: EffectiveRouteSerializer, 204: None},
+        summary="Remove an override; a code intent falls back to its default (admin)",
+    )
     def delete(self, request: Request, intent: str) -> Response:
         deleted, _ = Route.objects.filter(intent=intent).delete()
         if not deleted:

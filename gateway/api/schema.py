@@ -5,38 +5,55 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
 
 
 def _problem(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {"application/problem+json": {"schema": _PROBLEM}}}
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _PROBLEM}},
+    }
 
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "RFC 9457 problem details, with a stable `error` code.",
     "properties": {
-        "type": {"type": "string"}, "title": {"type": "string"},
-        "status": {"type": "integer"}, "detail": {"type": "string"},
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
         "error": {"type": "string", "example": "circuit_open"},
         "correlation_id": {"type": "string"},
-        "module": {"type": "string"}, "retry_after": {"type": "integer"},
+        "module": {"type": "string"},
+        "retry_after": {"type": "integer"},
         "scope": {"type": "string"},
     },
     "required": ["type", "title", "status", "detail", "error", "correlation_id"],
 }
 
 
-def add_proxy_paths(result: dict[str, Any], generator: Any, request: Any, public: bool,
-                    ) -> dict[str, Any]:
+def add_proxy_paths(
+    result: dict[str, Any],
+    generator: Any,
+    request: Any,
+    public: bool,
+) -> dict[str, Any]:
     result.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
-    intent_param = {"name": "intent", "in": "path", "required": True,
-                    "schema": {"type": "string", "example": "chat"}}
+    intent_param = {
+        "name": "intent",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "example": "chat"},
+    }
     common = {
         "400": _problem("Malformed JSON, bad session id or bad path"),
-        "401": _problem("No credentials"), "403": _problem("Wrong credentials"),
-        "404": _problem("Unknown intent"), "413": _problem("Body over VX11_MAX_BODY_BYTES"),
+        "401": _problem("No credentials"),
+        "403": _problem("Wrong credentials"),
+        "404": _problem("Unknown intent"),
+        "413": _problem("Body over VX11_MAX_BODY_BYTES"),
         "429": _problem("Rate limited (see RateLimit headers)"),
         "502": _problem("Invalid upstream answer"),
         "503": _problem("circuit_open, service_overloaded or upstream_unavailable"),
@@ -52,17 +69,40 @@ def add_proxy_paths(result: dict[str, Any], generator: Any, request: Any, public
             "X-Correlation-ID, X-VX11-Intent and X-VX11-Module. Context-7 routes (chat, code) "
             "take `session_id` (or X-VX11-Session) and return X-VX11-Session.",
             "tags": ["proxy"],
-            "parameters": [intent_param,
-                           {"name": "X-VX11-Session", "in": "header", "required": False,
-                            "schema": {"type": "string"}},
-                           {"name": "Idempotency-Key", "in": "header", "required": False,
-                            "schema": {"type": "string"}}],
-            "requestBody": {"required": False, "content": {"application/json": {"schema": {
-                "type": "object", "additionalProperties": True,
-                "example": {"prompt": "hello", "session_id": "demo-1"}}}}},
-            "responses": {"200": {"description": "The module's answer, unchanged",
-                                  "content": {"application/json": {"schema": {"type": "object"}}}},
-                          **common},
+            "parameters": [
+                intent_param,
+                {
+                    "name": "X-VX11-Session",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                },
+            ],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "additionalProperties": True,
+                            "example": {"prompt": "hello", "session_id": "demo-1"},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "The module's answer, unchanged",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **common,
+            },
         }
     }
     shub_ops: dict[str, Any] = {}
@@ -75,9 +115,28 @@ def add_proxy_paths(result: dict[str, Any], generator: Any, request: Any, public
             "and /shub/ready are cached (Cache-Status, X-Cache).",
             "tags": ["proxy"],
             "security": [{"GatewayToken": []}, {}],
-            "parameters": [{"name": "path", "in": "path", "required": True,
-                            "schema": {"type": "string", "example": "health"}}],
+            "parameters": [
+                {
+                    "name": "path",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "example": "health"},
+                }
+            ],
             "responses": {"200": {"description": "Shub's answer, unchanged"}, **common},
         }
     result["paths"]["/shub/{path}"] = shub_ops
     return result
+
+
+class GatewayTokenScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+    """Tells drf-spectacular how the gateway's token authentication looks."""
+
+    target_class = "gateway.api.authentication.GatewayTokenAuthentication"
+    name = ["VX11Token", "Bearer"]
+
+    def get_security_definition(self, auto_schema: Any) -> list[dict[str, Any]]:
+        return [
+            {"type": "apiKey", "in": "header", "name": "X-VX11-Token"},
+            {"type": "http", "scheme": "bearer"},
+        ]

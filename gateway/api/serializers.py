@@ -33,16 +33,30 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
     module = serializers.CharField(max_length=40, required=False, allow_blank=True)
     endpoint = serializers.CharField(max_length=255, required=False, allow_blank=True)
     method = serializers.CharField(max_length=8, required=False, allow_blank=True)
-    timeout = serializers.FloatField(required=False, allow_null=True, min_value=TIMEOUT_MIN,
-                                     max_value=TIMEOUT_MAX)
-    priority = serializers.ChoiceField(choices=[c[0] for c in PRIORITY_CHOICES], required=False,
-                                       allow_blank=True)
+    timeout = serializers.FloatField(
+        required=False, allow_null=True, min_value=TIMEOUT_MIN, max_value=TIMEOUT_MAX
+    )
+    priority = serializers.ChoiceField(
+        choices=[c[0] for c in PRIORITY_CHOICES], required=False, allow_blank=True
+    )
 
     class Meta:
         model = Route
-        fields = ["intent", "module", "endpoint", "method", "timeout", "description",
-                  "auth_required", "priority", "protected", "streaming", "context7",
-                  "retry_post", "enabled"]
+        fields = [
+            "intent",
+            "module",
+            "endpoint",
+            "method",
+            "timeout",
+            "description",
+            "auth_required",
+            "priority",
+            "protected",
+            "streaming",
+            "context7",
+            "retry_post",
+            "enabled",
+        ]
 
     def validate_intent(self, value: str) -> str:
         value = _django(validate_intent, value)
@@ -73,8 +87,11 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
         if intent not in CODE_ROUTES:
             module = attrs.get("module", getattr(self.instance, "module", ""))
             endpoint = attrs.get("endpoint", getattr(self.instance, "endpoint", ""))
-            missing = {name: "A new intent needs this field." for name, value in
-                       (("module", module), ("endpoint", endpoint)) if not value}
+            missing = {
+                name: "A new intent needs this field."
+                for name, value in (("module", module), ("endpoint", endpoint))
+                if not value
+            }
             if missing:
                 raise serializers.ValidationError(missing)
         return attrs
@@ -96,4 +113,4 @@ class EffectiveRouteSerializer(serializers.Serializer[Any]):
     context7 = serializers.BooleanField()
     retry_post = serializers.BooleanField()
     enabled = serializers.BooleanField()
-    source = serializers.ChoiceField(choices=["code", "database"])
+    source = serializers.ChoiceField(choices=["code", "database"])  # type: ignore[assignment]

@@ -8,15 +8,24 @@ from gateway.models import ApiClient
 
 
 class Command(BaseCommand):
-    help = ("Create an API client and print its token (shown once, stored only as a hash). "
-            "The token is alone on the last line of output.")
+    help = (
+        "Create an API client and print its token (shown once, stored only as a hash). "
+        "The token is alone on the last line of output."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name", help="A unique name for the client program")
-        parser.add_argument("--admin", action="store_true",
-                            help="Allow the management API (routes, modules, breakers)")
-        parser.add_argument("--rate-limit", type=int, default=None,
-                            help="Requests per window for this client (default: VX11_RATE_LIMIT_TOKEN)")
+        parser.add_argument(
+            "--admin",
+            action="store_true",
+            help="Allow the management API (routes, modules, breakers)",
+        )
+        parser.add_argument(
+            "--rate-limit",
+            type=int,
+            default=None,
+            help="Requests per window for this client (default: VX11_RATE_LIMIT_TOKEN)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         name = options["name"].strip()

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ def _port_busy(port: int) -> bool:
 
 
 class Command(BaseCommand):
-    help = ("Development run: migrate, create a dev admin user and token, start the demo "
-            "modules, the health-check worker and the gateway (DEBUG on).")
+    help = (
+        "Development run: migrate, create a dev admin user and token, start the demo "
+        "modules, the health-check worker and the gateway (DEBUG on)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--port", type=int, default=int(os.environ.get("VX11_PORT", "8000")))
@@ -38,8 +41,11 @@ class Command(BaseCommand):
         path = Path(settings.VAR_DIR) / "dev-credentials.json"
         data: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
         changed = False
-        for key, factory in (("token", lambda: "dev_" + secrets.token_urlsafe(24)),
-                             ("admin_password", lambda: secrets.token_urlsafe(12))):
+        factories: tuple[tuple[str, Callable[[], str]], ...] = (
+            ("token", lambda: "dev_" + secrets.token_urlsafe(24)),
+            ("admin_password", lambda: secrets.token_urlsafe(12)),
+        )
+        for key, factory in factories:
             if key not in data:
                 data[key] = factory()
                 changed = True
@@ -56,7 +62,8 @@ class Command(BaseCommand):
         creds = self.credentials()
         User = get_user_model()
         user, created = User.objects.get_or_create(
-            username="admin", defaults={"is_staff": True, "is_superuser": True})
+            username="admin", defaults={"is_staff": True, "is_superuser": True}
+        )
         if created or not user.check_password(creds["admin_password"]):
             user.set_password(creds["admin_password"])
             user.is_staff = user.is_superuser = True
@@ -83,10 +90,29 @@ class Command(BaseCommand):
             self._stop(children)
             raise SystemExit(1)
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "vx11site.asgi:application", "--host", host,
-             "--port", str(port), "--workers", str(options["workers"]), "--loop", "uvloop",
-             "--http", "httptools", "--no-access-log", "--log-level", "warning"],
-            env=env, cwd=settings.BASE_DIR)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "vx11site.asgi:application",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--workers",
+                str(options["workers"]),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--no-proxy-headers",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=settings.BASE_DIR,
+        )
         children.append(server)
         base = f"http://{host}:{port}"
         deadline = time.monotonic() + 30
@@ -95,19 +121,21 @@ class Command(BaseCommand):
                 self._stop(children)
                 raise SystemExit("error: the gateway exited during start-up (see above)")
             time.sleep(0.1)
-        self.stdout.write(self.style.SUCCESS(f"""
+        self.stdout.write(
+            self.style.SUCCESS(f"""
 VX11 Gateway (development) is up at {base}
-  admin       {base}/admin/        user: admin   password: {creds['admin_password']}
+  admin       {base}/admin/        user: admin   password: {creds["admin_password"]}
   dashboard   {base}/admin/dashboard/
   API docs    {base}/docs   (ReDoc: {base}/redoc, schema: {base}/openapi.json)
   token       {token}
-  (credentials are kept in {Path(settings.VAR_DIR) / 'dev-credentials.json'})
+  (credentials are kept in {Path(settings.VAR_DIR) / "dev-credentials.json"})
 
 Try it:
   curl -s -H 'X-VX11-Token: {token}' -H 'Content-Type: application/json' \\
        -d '{{"prompt":"hi"}}' {base}/vx11/route/chat
 Press Ctrl-C to stop.
-"""))
+""")
+        )
         self.stdout.flush()
         stop = {"now": False}
 
