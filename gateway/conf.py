@@ -156,7 +156,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("VX11_METRICS_ALLOWED_IPS", "list", [], "CIDRs allowed to scrape /metrics (empty: all)."),
     # --- storage / process --------------------------------------------------
     Knob("VX11_REDIS_URL", "str", "", "Redis for shared state, cache and channel layer."),
-    Knob("VX11_WORKERS", "int", 1, "Worker processes the run command starts.", minimum=1),
+    Knob("VX11_WORKERS", "int", 1, "Worker processes behind this configuration (checks warn "
+         "when several share in-process state).", minimum=1),
+    Knob("VX11_PORT", "int", 8000, "Port of the development run (`./run dev`).", minimum=1),
+    Knob("VX11_ACCESS_LOG", "bool", False, "One JSON log line per proxied request."),
 )
 
 
@@ -186,6 +189,8 @@ class GatewaySettings:
     def __init__(self) -> None:
         self._values: dict[str, Any] | None = None
         self._lock = threading.Lock()
+        #: Bumped by every reload, so objects built from the knobs know to rebuild.
+        self.generation = 0
 
     def _load(self) -> dict[str, Any]:
         values = {_attr(k.env): _read(k) for k in KNOBS}
@@ -215,6 +220,54 @@ class GatewaySettings:
     def reload(self) -> None:
         with self._lock:
             self._values = None
+            self.generation += 1
 
 
 gw = GatewaySettings()
+
+
+def reference_markdown() -> str:
+    """``docs/CONFIGURATION.md``, generated from ``KNOBS`` (a test keeps the file in step)."""
+
+    def show(knob: Knob) -> str:
+        if knob.kind == "list":
+            return ", ".join(knob.default) if knob.default else "(empty)"
+        if knob.kind == "bool":
+            return "true" if knob.default else "false"
+        return str(knob.default) if knob.default != "" else "(empty)"
+
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `gateway/conf.py` by `python -m gateway.conf > docs/CONFIGURATION.md`;",
+        "`tests/gateway/test_config_reference.py` fails when the two differ.",
+        "",
+        "Django and storage settings read by `vx11site/settings.py`:",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+        "| `DJANGO_SECRET_KEY` | random, kept in `var/secret_key` | Django's signing key "
+        "(`DJANGO_SECRET_KEY_FILE` reads it from a file) |",
+        "| `DJANGO_DEBUG` | off | `1` turns debug on (the development run does) |",
+        "| `DJANGO_ALLOWED_HOSTS` | localhost, 127.0.0.1, [::1] | Host names served |",
+        "| `DJANGO_CSRF_TRUSTED_ORIGINS` | (empty) | Origins trusted for admin forms behind TLS |",
+        "| `DJANGO_SECURE_COOKIES` | false | Session/CSRF cookies only over HTTPS |",
+        "| `DATABASE_URL` | SQLite file `var/vx11.sqlite3` | e.g. `postgres://user:pw@host/db` |",
+        "| `VX11_VAR_DIR` | `./var` | Where the SQLite file and generated secrets live |",
+        "| `VX11_LOG_LEVEL` | INFO | Level of the JSON logs |",
+        "| `VX11_MODULE_<NAME>_URL` | code default | Module base URL, e.g. "
+        "`VX11_MODULE_SWITCH_URL`; `VX11_SHUB_UPSTREAM` is an alias for shub |",
+        "",
+        "Gateway knobs (`VX11_*`), read lazily by `gateway.conf.gw`:",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for knob in KNOBS:
+        secret = " Secret: `NAME_FILE` reads it from a file." if knob.secret else ""
+        lines.append(f"| `{knob.env}` | {show(knob)} | {knob.help}{secret} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import random
 import re
-import uuid
 
 CORRELATION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 TRACEPARENT_RE = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -19,7 +19,17 @@ def pick(*candidates: str | None) -> str:
     for value in candidates:
         if value is not None and CORRELATION_RE.match(value):
             return value
-    return str(uuid.uuid4())
+    return new_id()
+
+
+def new_id() -> str:
+    """A random UUID4 string, from Python's PRNG: correlation ids need uniqueness, not
+    secrecy, and ``uuid.uuid4()``'s ``os.urandom`` syscall is measurable on the hot path."""
+    r = random.getrandbits(128)
+    r = (r & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
+    r = (r & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+    h = f"{r:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def valid_traceparent(value: str | None) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from django.core.exceptions import ValidationError
 
@@ -33,6 +33,14 @@ class ModuleInfo:
     health_path: str = "/health"
     enabled: bool = True
     source: str = "code"  # code | env | database
+    # Per-module breaker settings from the Module row (None = the VX11_CB_* default).
+    failure_threshold: int | None = None
+    recovery_timeout: float | None = None
+    half_open_max_calls: int | None = None
+    success_threshold: int | None = None
+    failure_rate_threshold: float | None = None
+    window_seconds: float | None = None
+    min_calls: int | None = None
 
 
 def env_overrides() -> tuple[dict[str, str], list[str]]:
@@ -69,12 +77,8 @@ def build_modules(rows: list[ModuleInfo]) -> dict[str, ModuleInfo]:
         if not url:
             log.error("module has no URL", extra={"module": row.name})
             continue
-        table[row.name] = ModuleInfo(
-            row.name,
-            url,
-            row.health_path,
-            row.enabled,
-            "database" if row.url else (base.source if base else "code"),
+        table[row.name] = replace(
+            row, url=url, source="database" if row.url else (base.source if base else "code")
         )
     return table
 

@@ -1,20 +1,42 @@
 """The request pipeline shared by every proxied call.
 
-    auth (proxy.build_call) → rate limit → backpressure → [breaker → upstream]×attempts → record
+    auth (proxy.build_call) → rate limit → [cache | Context-7] → backpressure
+        → (breaker → upstream) × attempts → record
 
 Each step is a plain async function over a :class:`~gateway.proxy.Call`; the
-policies themselves (breaker, limiter, queue, budget) live in
-``gateway.policies`` and are reached through :mod:`gateway.services`.
+policies themselves live in ``gateway.policies`` and are reached through
+:mod:`gateway.services`. Errors are raised as ``gateway.problems`` exceptions and
+rendered in one place (``ProxyApp``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from gateway import upstream
+from gateway import metrics, services, upstream
 from gateway.asgi_util import Receive, Send
-from gateway.proxy import Call, declared_length, read_body, response_headers
+from gateway.conf import gw
+from gateway.policies.backpressure import Overloaded, QueueTimeout, priority_from_name
+from gateway.policies.ratelimit import Scope, ratelimit_headers
+from gateway.policies.respcache import CachedResponse
+from gateway.policies.retry import RETRY_STATUSES, may_retry_request, next_delay
+from gateway.problems import (
+    BadGateway,
+    CircuitOpen,
+    GatewayError,
+    ServiceOverloaded,
+    TooManyRequests,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.proxy import Call, declared_length, read_all, read_small, response_headers
 from gateway.upstream import Body, UpstreamResponse
+
+CACHED_PATHS = frozenset({"/shub/health", "/shub/ready"})
+CACHED_HEADERS = frozenset({b"content-type", b"content-encoding", b"cache-control", b"etag",
+                            b"last-modified"})
+HEALTH_BODY_LIMIT = 1024 * 1024
 
 
 def has_body(call: Call) -> bool:
@@ -24,34 +46,161 @@ def has_body(call: Call) -> bool:
     return any(k == b"transfer-encoding" for k, _ in call.scope["headers"])
 
 
+def _header(call: Call, name: bytes) -> str | None:
+    for key, value in call.scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
 async def handle(call: Call, receive: Receive, send: Send) -> None:
-    body: Body = read_body(call, receive) if has_body(call) else None
-    response = await forward(call, body)
-    await stream_response(call, response, send)
+    svc = services.get()
+    await rate_limit(call, svc)
+    if (call.kind == "shub" and call.method == "GET" and gw.cache_enabled
+            and call.upstream_path_key in CACHED_PATHS):
+        await serve_cached(call, svc, send)
+        return
+    if call.route is not None and call.route.context7 and gw.context7_enabled:
+        await serve_context7(call, svc, receive, send)
+        return
+    body: Body = await read_small(call, receive) if has_body(call) else None
+    if body is not None and not isinstance(body, bytes) and retryable(call):
+        body = b"".join([chunk async for chunk in body])  # replayable (bounded by max body)
+    async with slot(call, svc):
+        response = await forward(call, body, svc)
+        await stream_response(call, response, send)
 
 
-async def forward(call: Call, body: Body) -> UpstreamResponse:
-    """One upstream exchange through the policies; the answer is not read yet."""
+# --------------------------------------------------------------------------- rate limits
+
+
+async def rate_limit(call: Call, svc: services.Services) -> None:
+    """Token, IP and protected scopes, decided in one store round trip."""
+    if not gw.rate_limit_enabled:
+        return
+    window = int(gw.rate_limit_window)
+    principal = call.principal
+    scopes = []
+    if principal.authenticated:
+        scopes.append(Scope("token", "token:" + principal.id,
+                            principal.rate_limit or int(gw.rate_limit_token), window))
+    scopes.append(Scope("ip", "ip:" + call.client_ip, int(gw.rate_limit_ip), window))
+    if call.protected:
+        who = principal.id if principal.authenticated else "ip:" + call.client_ip
+        scopes.append(Scope("protected", "protected:" + who,
+                            principal.protected_rate_limit or int(gw.rate_limit_protected),
+                            window))
+    decision = await svc.limiter.check(scopes)
+    headers = ratelimit_headers(decision)
+    if decision.would_refuse and decision.refused_by is not None:
+        metrics.rate_limited(decision.refused_by.name)
+    if not decision.allowed:
+        scope = decision.refused_by.name if decision.refused_by else "token"
+        raise TooManyRequests(scope, decision.retry_after, headers)
+    call.response_headers.extend(
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+
+
+# --------------------------------------------------------------------------- backpressure
+
+
+class slot:
+    """Holds one of ``VX11_MAX_INFLIGHT`` upstream slots for the whole exchange."""
+
+    def __init__(self, call: Call, svc: services.Services) -> None:
+        self.call = call
+        self.limiter = svc.backpressure
+
+    async def __aenter__(self) -> None:
+        priority = priority_from_name(self.call.priority)
+        try:
+            await self.limiter.acquire(priority, deadline=self.call.deadline)
+        except Overloaded as exc:
+            metrics.shed(self.call.priority)
+            raise ServiceOverloaded(exc.retry_after, priority=self.call.priority) from None
+        except QueueTimeout:
+            metrics.shed(self.call.priority)
+            raise UpstreamTimeout("The request waited for capacity past its deadline.") from None
+        metrics.INFLIGHT.inc()
+
+    async def __aexit__(self, *exc: object) -> None:
+        metrics.INFLIGHT.dec()
+        self.limiter.release()
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+def retryable(call: Call) -> bool:
+    if int(gw.retry_max) <= 0:
+        return False
+    allows_post = call.route.retry_post if call.route is not None else False
+    return may_retry_request(call.method, idempotency_key=_header(call, b"idempotency-key")
+                             is not None, route_allows_post_retry=allows_post)
+
+
+async def forward(call: Call, body: Body, svc: services.Services) -> UpstreamResponse:
+    """The upstream exchange through breaker and retries; the answer's body is not read yet."""
     headers = call.upstream_headers()
     if isinstance(body, bytes):
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-    call.attempts += 1
-    remaining = call.deadline - time.monotonic()
-    return await upstream.send(
-        call.method, call.url, headers, body, max(remaining, 0.001), unavailable=call.unavailable
-    )
+    module = call.module.name
+    breaker = svc.breaker
+    budget = svc.budget
+    can_retry = retryable(call) and (body is None or isinstance(body, bytes))
+    budget.note_request(module)
+    holding_retry = False
+    try:
+        while True:
+            call.attempts += 1
+            permit = await breaker.acquire(module)
+            if not permit.allowed:
+                raise CircuitOpen(module, permit.retry_after, permit.state)
+            started = time.monotonic()
+            remaining = call.deadline - started
+            if remaining <= 0:
+                raise UpstreamTimeout("The route's deadline passed before the module answered.")
+            error: GatewayError | None = None
+            response: UpstreamResponse | None = None
+            try:
+                response = await upstream.send(call.method, call.url, headers, body, remaining,
+                                               unavailable=call.unavailable)
+            except (UpstreamUnavailable, UpstreamTimeout, BadGateway) as exc:
+                error = exc
+            call.upstream_seconds = time.monotonic() - started
+            await breaker.record(module, status=None if response is None else response.status,
+                                 error=error is not None, probe_id=permit.probe_id)
+            if holding_retry:
+                budget.release_retry(module)
+                holding_retry = False
+            retry_worthy = (isinstance(error, UpstreamUnavailable)
+                            or (response is not None and response.status in RETRY_STATUSES))
+            if not (can_retry and retry_worthy and call.attempts <= int(gw.retry_max)):
+                break
+            now = time.monotonic()
+            delay = next_delay(call.attempts, response.header("Retry-After") if response
+                               else None, call.deadline, now, wall_now=time.time())
+            if delay is None or not budget.try_acquire_retry(module):
+                break
+            holding_retry = True
+            if response is not None:
+                response.close()
+            metrics.retry(module)
+            await asyncio.sleep(delay)
+    finally:
+        if holding_retry:
+            budget.release_retry(module)
+    if error is not None:
+        raise error
+    assert response is not None
+    return response
 
 
 async def stream_response(call: Call, response: UpstreamResponse, send: Send) -> None:
     finished = False
     try:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": response_headers(call, response.headers),
-            }
-        )
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": response_headers(call, response.headers)})
         async for chunk in response.iter_chunks():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -60,3 +209,71 @@ async def stream_response(call: Call, response: UpstreamResponse, send: Send) ->
     finally:
         if not finished:
             response.close()
+
+
+async def send_buffered(call: Call, send: Send, status: int,
+                        headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    out = [(k, v) for k, v in response_headers(call, headers) if k != b"content-length"]
+    out.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# --------------------------------------------------------------------------- health cache
+
+
+async def serve_cached(call: Call, svc: services.Services, send: Send) -> None:
+    """GET /shub/health and /shub/ready: 2xx answers shared for VX11_CACHE_TTL_HEALTH s."""
+    ttl = float(gw.cache_ttl_health)
+    key = "shub:" + call.upstream_path_key + ("?" + call.query.decode("latin-1")
+                                               if call.query else "")
+
+    async def fetch() -> CachedResponse:
+        async with slot(call, svc):
+            response = await forward(call, None, svc)
+            try:
+                body = await response.read(HEALTH_BODY_LIMIT)
+            finally:
+                response.close()
+        headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers
+                        if k.lower() in CACHED_HEADERS)
+        return CachedResponse(response.status, headers, body, 0.0, ttl)
+
+    value, outcome = await svc.cache.get_or_fetch(key, ttl, fetch)
+    assert value is not None
+    hit = outcome in ("hit", "stored-by-other")
+    metrics.cache_lookup(hit, svc.cache.hits, svc.cache.misses)
+    if hit:
+        status = f"vx11-gateway; hit; ttl={int(value.ttl_left(time.time()))}"
+    elif outcome == "bypass":
+        status = "vx11-gateway; fwd=miss; detail=store-unavailable"
+    else:
+        stored = 200 <= value.status < 300
+        status = "vx11-gateway; fwd=miss" + ("; stored" if stored else "") + (
+            "; collapsed" if outcome == "collapsed" else "")
+    call.response_headers += [(b"cache-status", status.encode()),
+                              (b"x-cache", b"HIT" if hit else b"MISS")]
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in value.headers]
+    await send_buffered(call, send, value.status, headers, value.body)
+
+
+# --------------------------------------------------------------------------- Context-7
+
+
+async def serve_context7(call: Call, svc: services.Services, receive: Receive,
+                         send: Send) -> None:
+    """Chat-like routes: the session's context goes upstream, the reply is remembered."""
+    from sessions_ctx7 import enrich
+
+    raw = await read_all(call, receive)
+    turn = await enrich.begin(call.principal.id, raw, _header(call, b"x-vx11-session"))
+    call.response_headers.append((b"x-vx11-session", turn.session_id.encode()))
+    async with slot(call, svc):
+        response = await forward(call, turn.body, svc)
+        try:
+            body = await response.read(int(gw.max_body_bytes))
+        finally:
+            response.close()
+    content_type = response.header("Content-Type")
+    body = await enrich.finish(turn, response.status, content_type, body)
+    await send_buffered(call, send, response.status, response.headers, body)

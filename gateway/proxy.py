@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from gateway import auth, correlation
+from gateway import auth, correlation, metrics
 from gateway.asgi_util import Message, Receive, Scope, Send, send_bytes
 from gateway.conf import gw
 from gateway.headers import DROP_DOWNSTREAM, DROP_UPSTREAM, client_ip, connection_listed
@@ -73,6 +73,14 @@ class Call:
     attempts: int = 0
     body_error: GatewayError | None = None
     client_gone: bool = False
+    upstream_seconds: float | None = None
+    status: int = 0
+
+    @property
+    def upstream_path_key(self) -> str:
+        """The path as the client named it (the /shub cache key and metrics label)."""
+        return SHUB_PREFIX + self.upstream_path if self.kind == "shub" and \
+            gw.shub_strip_prefix else self.upstream_path
 
     @property
     def url(self) -> str:
@@ -144,6 +152,34 @@ async def read_body(call: Call, receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
+async def read_small(call: Call, receive: Receive) -> bytes | AsyncIterator[bytes]:
+    """The body as bytes when it arrives in one message (the common small JSON case:
+    cheaper to send than a stream), else a stream that starts with what was read."""
+    first = await receive()
+    if first["type"] == "http.disconnect":
+        call.client_gone = True
+        raise ClientGone()
+    chunk: bytes = first.get("body", b"")
+    if len(chunk) > int(gw.max_body_bytes):
+        call.body_error = PayloadTooLarge(f"The request body exceeds {gw.max_body_bytes} bytes.")
+        raise call.body_error
+    if not first.get("more_body", False):
+        return chunk
+    return _chain(chunk, call, receive)
+
+
+async def _chain(first: bytes, call: Call, receive: Receive) -> AsyncIterator[bytes]:
+    limit = int(gw.max_body_bytes)
+    size = len(first)
+    yield first
+    async for chunk in read_body(call, receive):
+        size += len(chunk)
+        if size > limit:
+            call.body_error = PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+            raise call.body_error
+        yield chunk
+
+
 async def read_all(call: Call, receive: Receive) -> bytes:
     parts = [chunk async for chunk in read_body(call, receive)]
     return b"".join(parts)
@@ -191,18 +227,16 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope["headers"]
-        cid = correlation.pick(
-            _first(headers, b"x-correlation-id"), _first(headers, b"x-request-id")
-        )
+        cid = correlation.pick(_first(headers, b"x-correlation-id"),
+                               _first(headers, b"x-request-id"))
         token = correlation.current.set(cid)
         started = time.monotonic()
-        response_started = False
+        sent = {"status": 0}
         call: Call | None = None
 
         async def guarded_send(message: Message) -> None:
-            nonlocal response_started
             if message["type"] == "http.response.start":
-                response_started = True
+                sent["status"] = message["status"]
             await send(message)
 
         try:
@@ -214,8 +248,8 @@ class ProxyApp:
                 return
             if call is not None and call.body_error is not None:
                 exc = call.body_error
-            if not response_started:
-                await self.send_problem(send, exc, cid, call)
+            if not sent["status"]:
+                await self.send_problem(guarded_send, exc, cid, call)
             else:
                 log.warning("upstream failed mid-answer", extra={"error": exc.code})
         except ClientGone:
@@ -226,15 +260,10 @@ class ProxyApp:
             log.info("client disconnected during the answer")
         except Exception:
             log.exception("unexpected error in the proxy")
-            if not response_started:
-                await self.send_problem(send, InternalError(), cid, call)
+            if not sent["status"]:
+                await self.send_problem(guarded_send, InternalError(), cid, call)
         finally:
-            elapsed = time.monotonic() - started
-            if elapsed > 1.0:
-                log.info(
-                    "slow proxied request",
-                    extra={"path": scope["path"], "seconds": round(elapsed, 3)},
-                )
+            record(scope, call, sent["status"], time.monotonic() - started)
             correlation.current.reset(token)
 
     async def send_problem(
@@ -244,6 +273,8 @@ class ProxyApp:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         raw.append((b"x-correlation-id", cid.encode()))
         if call is not None:
+            if call.attempts:
+                raw.append((b"x-vx11-attempts", str(call.attempts).encode()))
             raw.extend(call.response_headers)
         await send_bytes(send, status, raw, body)
 
@@ -407,6 +438,24 @@ class ProxyApp:
         return auth.authenticate(token, snapshot) is not None
 
 
+def record(scope: Scope, call: Call | None, status: int, seconds: float) -> None:
+    """Metrics and the optional access log for one proxied request."""
+    path: str = scope["path"]
+    if path.startswith(SHUB_PREFIX):
+        metrics.shub_request(path, scope["method"], status, seconds)
+    else:
+        intent = call.route.intent if call is not None and call.route is not None else "unknown"
+        module = call.module.name if call is not None else "none"
+        metrics.request(intent, module, status,
+                        call.upstream_seconds if call is not None else None)
+    if gw.access_log or seconds > 1.0:
+        log.info("proxied request", extra={
+            "method": scope["method"], "path": path[:200], "status": status,
+            "seconds": round(seconds, 4), "attempts": call.attempts if call else 0,
+            "client_ip": call.client_ip if call else None,
+            "principal": call.principal.name if call else None})
+
+
 def _gw_id(scope: Scope) -> str:
     import hashlib
 
@@ -429,5 +478,7 @@ def response_headers(
     if call.route is not None:
         out.append((b"x-vx11-intent", call.route.intent.encode()))
     out.append((b"x-vx11-module", call.module.name.encode()))
+    if call.attempts:
+        out.append((b"x-vx11-attempts", str(call.attempts).encode()))
     out.extend(call.response_headers)
     return out

@@ -51,7 +51,11 @@ def load_snapshot(version: int) -> Snapshot:
     from gateway.models import ApiClient, Module, Route
 
     rows = [
-        ModuleInfo(m.name, m.url, m.health_path, m.enabled, "database")
+        ModuleInfo(
+            m.name, m.url, m.health_path, m.enabled, "database", m.failure_threshold,
+            m.recovery_timeout, m.half_open_max_calls, m.success_threshold,
+            m.failure_rate_threshold, m.window_seconds, m.min_calls,
+        )
         for m in Module.objects.all()
     ]
     routes = build_routes(list(Route.objects.all()))

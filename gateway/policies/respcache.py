@@ -319,7 +319,7 @@ class SingleFlight:
                 token = await self._guard.call(lambda: self.cache.lock(key, self.lock_ttl))
                 if token is not None:
                     return await self._fetch_holding_lock(key, ttl, fetch, token)
-                if False:
+                if self._monotonic() >= deadline:
                     break  # the holder is slow or dead: do not wait any longer
                 await asyncio.sleep(self.poll_interval)
                 cached = await self._guard.call(lambda: self.cache.get(key))

@@ -16,6 +16,7 @@ import redis.asyncio
 
 from gateway.policies.ratelimit import (
     Decision,
+    FailMode,
     MemoryRateLimitBackend,
     RateLimitBackend,
     RateLimiter,
@@ -46,9 +47,9 @@ async def backend(
     await client.aclose()
 
 
-def limiter(backend: RateLimitBackend, clock: FakeClock, **kwargs: object) -> RateLimiter:
+def limiter(backend: RateLimitBackend, clock: FakeClock, *, enforce: bool = True) -> RateLimiter:
     # A generous store timeout: these tests are about the algorithm, not the fallback.
-    return RateLimiter(backend, clock=clock, store_timeout=5.0, **kwargs)  # type: ignore[arg-type]
+    return RateLimiter(backend, clock=clock, store_timeout=5.0, enforce=enforce)
 
 
 async def hits(rl: RateLimiter, scopes: Sequence[Scope], n: int) -> list[Decision]:
@@ -339,18 +340,38 @@ def test_most_restrictive_breaks_ties_on_longest_reset() -> None:
 # --------------------------------------------------------------------------- store failure
 
 
-async def _redis_limiter(server: RedisServer, clock: FakeClock, **kwargs: object) -> RateLimiter:
-    client = redis.asyncio.Redis.from_url(server.url)
-    rl = RateLimiter(RedisRateLimitBackend(client), clock=clock, **kwargs)  # type: ignore[arg-type]
+@pytest.fixture
+async def own_client(own_redis: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(own_redis.url)
+    yield client
+    await client.aclose()
+
+
+async def _redis_limiter(
+    client: redis.asyncio.Redis,
+    clock: FakeClock,
+    fail_mode: FailMode = "local",
+    *,
+    monotonic: FakeClock | None = None,
+    store_timeout: float = 0.05,
+) -> RateLimiter:
+    rl = RateLimiter(
+        RedisRateLimitBackend(client),
+        fail_mode=fail_mode,
+        clock=clock,
+        monotonic=monotonic or time.monotonic,
+        store_timeout=store_timeout,
+        retry_interval=1.0,
+    )
     first = await rl.check([token(1000, client="warmup")])
     assert first.allowed and not first.degraded  # the store really answered before the crash
     return rl
 
 
 async def test_local_fail_mode_keeps_limiting_quickly_when_redis_dies(
-    own_redis: RedisServer, clock: FakeClock
+    own_redis: RedisServer, own_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
-    rl = await _redis_limiter(own_redis, clock, fail_mode="local")
+    rl = await _redis_limiter(own_client, clock, "local")
     own_redis.kill()
     started = time.monotonic()
     decisions = await hits(rl, [token(5)], 20)
@@ -361,9 +382,9 @@ async def test_local_fail_mode_keeps_limiting_quickly_when_redis_dies(
 
 
 async def test_open_fail_mode_admits_when_redis_dies(
-    own_redis: RedisServer, clock: FakeClock
+    own_redis: RedisServer, own_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
-    rl = await _redis_limiter(own_redis, clock, fail_mode="open")
+    rl = await _redis_limiter(own_client, clock, "open")
     own_redis.kill()
     decisions = await hits(rl, [token(2)], 5)
     assert all(d.allowed and d.degraded for d in decisions)
@@ -371,9 +392,9 @@ async def test_open_fail_mode_admits_when_redis_dies(
 
 
 async def test_closed_fail_mode_refuses_when_redis_dies(
-    own_redis: RedisServer, clock: FakeClock
+    own_redis: RedisServer, own_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
-    rl = await _redis_limiter(own_redis, clock, fail_mode="closed")
+    rl = await _redis_limiter(own_client, clock, "closed")
     own_redis.kill()
     decision = await rl.check([token(100)])
     assert not decision.allowed and decision.degraded
@@ -382,12 +403,10 @@ async def test_closed_fail_mode_refuses_when_redis_dies(
 
 
 async def test_redis_is_used_again_after_restart_and_retry_interval(
-    own_redis: RedisServer, clock: FakeClock
+    own_redis: RedisServer, own_client: redis.asyncio.Redis, clock: FakeClock
 ) -> None:
     monotonic = FakeClock(start=0.0)
-    rl = await _redis_limiter(
-        own_redis, clock, retry_interval=1.0, monotonic=monotonic, store_timeout=1.0
-    )
+    rl = await _redis_limiter(own_client, clock, monotonic=monotonic, store_timeout=1.0)
     own_redis.kill()
     assert (await rl.check([token(10)])).degraded
     own_redis.start()

@@ -215,6 +215,26 @@ async def test_concurrent_misses_across_two_processes_fetch_once(
     assert len({v for v, _ in results}) == 1
 
 
+class LateCache(CountingCache):
+    """Its first get misses, as if read just before another process stored the value."""
+
+    async def get(self, key: str) -> CachedResponse | None:
+        self.calls += 1
+        return None if self.calls == 1 else await self.inner.get(key)
+
+
+async def test_lock_winner_rechecks_the_cache_before_fetching(
+    cache: ResponseCache, clock: FakeClock
+) -> None:
+    stored = CachedResponse(200, (), b"from the other process", clock(), 60)
+    await cache.set(KEY, stored, 60)  # stored (and its lock released) after our first look
+    sf = flight(LateCache(cache), clock)
+    upstream = Upstream()
+    value, outcome = await sf.get_or_fetch(KEY, 60, upstream)
+    assert (value, outcome) == (stored, "stored-by-other")
+    assert upstream.calls == 0
+
+
 async def test_waiter_fetches_itself_after_wait_timeout_when_the_holder_died(
     cache: ResponseCache, clock: FakeClock
 ) -> None:
@@ -222,7 +242,7 @@ async def test_waiter_fetches_itself_after_wait_timeout_when_the_holder_died(
     sf = flight(cache, clock, wait_timeout=0.2)
     upstream = Upstream()
     started = time.monotonic()
-    value, outcome = await sf.get_or_fetch(KEY, 60, upstream)
+    value, outcome = await asyncio.wait_for(sf.get_or_fetch(KEY, 60, upstream), 2.0)
     elapsed = time.monotonic() - started
     assert 0.2 <= elapsed < 1.0
     assert outcome == "miss" and value is not None and upstream.calls == 1
@@ -237,7 +257,7 @@ async def test_waiter_takes_the_lock_once_a_dead_holders_lock_expires(
     assert await cache.lock(KEY, 0.1) is not None
     sf = flight(cache, clock, wait_timeout=5.0)
     started = time.monotonic()
-    _, outcome = await sf.get_or_fetch(KEY, 60, Upstream())
+    _, outcome = await asyncio.wait_for(sf.get_or_fetch(KEY, 60, Upstream()), 2.0)
     assert time.monotonic() - started < 1.0
     assert outcome == "miss"
     await client.aclose()

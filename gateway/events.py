@@ -1,0 +1,121 @@
+"""Gateway events: recorded and published off the request path.
+
+Breaker transitions, module health changes, route changes and cache clears go
+into a bounded per-loop queue; a background task writes them to the database
+(transitions, breaker snapshot) and publishes them on the channel layer group
+``vx11.events`` that ``/ws/events`` listens to. The request that caused an event
+never waits for either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from asgiref.sync import async_to_sync, sync_to_async
+
+from gateway import metrics
+
+log = logging.getLogger(__name__)
+GROUP = "vx11.events"
+QUEUE_MAX = 10_000
+
+_queues: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+_tasks: dict[int, asyncio.Task[None]] = {}
+
+
+def _epoch(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=UTC)
+
+
+def record_transition(event: dict[str, Any]) -> None:
+    """Write one transition and the module's breaker snapshot (synchronous)."""
+    from gateway.models import BreakerState, BreakerTransition
+
+    at = _epoch(event["at"]) or datetime.now(tz=UTC)
+    BreakerTransition.objects.create(module=event["module"], from_state=event["from"],
+                                     to_state=event["to"], reason=event["reason"][:60], at=at)
+    defaults: dict[str, Any] = {"state": event["to"]}
+    if event["to"] == "open":
+        defaults["opened_at"] = at
+    if event["reason"] in ("reset", "probe_succeeded"):
+        defaults.update(failure_count=0, opened_at=None)
+    if event["reason"] in ("force_open", "force_closed"):
+        defaults["forced"] = event["reason"].removeprefix("force_")
+    elif event["reason"] in ("auto", "reset"):
+        defaults["forced"] = ""
+    BreakerState.objects.update_or_create(module=event["module"], defaults=defaults)
+
+
+def _publish_sync(event: dict[str, Any]) -> None:
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is not None:
+        async_to_sync(layer.group_send)(GROUP, {"type": "gateway.event", "event": event})
+
+
+async def _publish(event: dict[str, Any]) -> None:
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(GROUP, {"type": "gateway.event", "event": event})
+
+
+async def _drain(queue: asyncio.Queue[dict[str, Any]]) -> None:
+    while True:
+        event = await queue.get()
+        try:
+            if event["type"] == "breaker.transition":
+                await sync_to_async(record_transition, thread_sensitive=False)(event)
+            await _publish(event)
+        except Exception:
+            log.exception("could not record or publish a gateway event",
+                          extra={"event_type": event.get("type")})
+        finally:
+            queue.task_done()
+
+
+def emit(event: dict[str, Any]) -> None:
+    """Queue an event (from async code) or handle it at once (from sync code)."""
+    event.setdefault("time", time.time())
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        if event["type"] == "breaker.transition":
+            record_transition(event)
+        try:
+            _publish_sync(event)
+        except Exception:
+            log.exception("could not publish a gateway event")
+        return
+    key = id(loop)
+    queue = _queues.get(key)
+    task = _tasks.get(key)
+    if queue is None or task is None or task.done():
+        queue = asyncio.Queue(QUEUE_MAX)
+        _queues[key] = queue
+        _tasks[key] = loop.create_task(_drain(queue), name="vx11-events")
+    try:
+        queue.put_nowait(event)
+    except asyncio.QueueFull:
+        log.error("event queue full; dropping an event", extra={"event_type": event["type"]})
+
+
+async def flush(timeout: float = 5.0) -> None:
+    """Wait until this loop's queued events are written (tests, shutdown)."""
+    queue = _queues.get(id(asyncio.get_running_loop()))
+    if queue is not None:
+        await asyncio.wait_for(queue.join(), timeout)
+
+
+def breaker_transition(transition: Any) -> None:
+    """The breaker's ``on_transition`` hook: metrics now, the rest in the background."""
+    metrics.breaker_transition(transition.module, transition.to_state)
+    emit({"type": "breaker.transition", "module": transition.module,
+          "from": transition.from_state, "to": transition.to_state,
+          "reason": transition.reason, "at": transition.at})

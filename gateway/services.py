@@ -1,0 +1,142 @@
+"""Per-process instances of the policies, built from the settings and the shared store.
+
+``get()`` returns the :class:`Services` of the running event loop (Redis
+asyncio clients belong to one loop), rebuilt when the settings are reloaded.
+With ``VX11_REDIS_URL`` the breaker, rate limiter and health cache keep their
+state in Redis (with an in-process fallback while Redis is unreachable);
+without it, in process memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from gateway import events, store
+from gateway.conf import gw
+from gateway.policies.backpressure import PriorityLimiter
+from gateway.policies.breaker import (
+    BreakerBackend,
+    BreakerConfig,
+    CircuitBreaker,
+    FallbackBreakerBackend,
+    MemoryBreakerBackend,
+    RedisBreakerBackend,
+)
+from gateway.policies.ratelimit import (
+    MemoryRateLimitBackend,
+    RateLimitBackend,
+    RateLimiter,
+    RedisRateLimitBackend,
+)
+from gateway.policies.respcache import (
+    MemoryResponseCache,
+    RedisResponseCache,
+    ResponseCache,
+    SingleFlight,
+)
+from gateway.policies.retry import RetryBudget
+from gateway.snapshot import holder
+
+
+def breaker_config(module: str) -> BreakerConfig:
+    """Defaults from ``VX11_CB_*``, overridden per module by its ``Module`` row."""
+    snap = holder.cached
+    info = snap.modules.get(module) if snap is not None else None
+    cfg = _default_config()
+    if info is None:
+        return cfg
+    key = (snap.version if snap else 0, module, gw.generation)
+    cached = _config_cache.get(key)
+    if cached is not None:
+        return cached
+    changes = {
+        name: value
+        for name in ("failure_threshold", "recovery_timeout", "half_open_max_calls",
+                     "success_threshold", "failure_rate_threshold", "window_seconds",
+                     "min_calls")
+        if (value := getattr(info, name)) is not None
+    }
+    if changes:
+        from dataclasses import replace
+
+        cfg = replace(cfg, **changes)
+    if len(_config_cache) > 1000:
+        _config_cache.clear()
+    _config_cache[key] = cfg
+    return cfg
+
+
+_config_cache: dict[tuple[int, str, int], BreakerConfig] = {}
+_defaults: dict[int, BreakerConfig] = {}
+
+
+def _default_config() -> BreakerConfig:
+    cfg = _defaults.get(gw.generation)
+    if cfg is None:
+        cfg = BreakerConfig(
+            failure_threshold=int(gw.cb_failure_threshold),
+            recovery_timeout=float(gw.cb_recovery_timeout),
+            half_open_max_calls=int(gw.cb_half_open_max_calls),
+            success_threshold=int(gw.cb_success_threshold),
+        )
+        _defaults.clear()
+        _defaults[gw.generation] = cfg
+    return cfg
+
+
+@dataclass
+class Services:
+    breaker: CircuitBreaker
+    limiter: RateLimiter
+    backpressure: PriorityLimiter
+    budget: RetryBudget
+    cache: SingleFlight
+    generation: int
+
+
+_by_loop: dict[int, Services] = {}
+
+
+def build() -> Services:
+    breaker_backend: BreakerBackend
+    limiter_backend: RateLimitBackend
+    cache_backend: ResponseCache
+    timeout = float(gw.store_timeout)
+    if store.shared():
+        client = store.async_client()
+        breaker_backend = FallbackBreakerBackend(
+            RedisBreakerBackend(client), MemoryBreakerBackend(), timeout=timeout)
+        limiter_backend = RedisRateLimitBackend(client)
+        cache_backend = RedisResponseCache(client)
+    else:
+        breaker_backend = MemoryBreakerBackend()
+        limiter_backend = MemoryRateLimitBackend()
+        cache_backend = MemoryResponseCache()
+    return Services(
+        breaker=CircuitBreaker(breaker_backend, breaker_config, clock=time.time,
+                               on_transition=events.breaker_transition,
+                               enabled=bool(gw.cb_enabled)),
+        limiter=RateLimiter(limiter_backend, fail_mode=gw.rate_limit_fail_mode,
+                            store_timeout=timeout, enforce=bool(gw.rate_limit_enforce)),
+        backpressure=PriorityLimiter(int(gw.max_inflight), int(gw.queue_max)),
+        budget=RetryBudget(ratio=float(gw.retry_budget_ratio),
+                           min_retries=int(gw.retry_budget_min)),
+        cache=SingleFlight(cache_backend, store_timeout=timeout),
+        generation=gw.generation,
+    )
+
+
+def get() -> Services:
+    key = id(asyncio.get_running_loop())
+    services = _by_loop.get(key)
+    if services is None or services.generation != gw.generation:
+        services = build()
+        _by_loop[key] = services
+    return services
+
+
+def reset() -> None:
+    _by_loop.clear()
+    _config_cache.clear()

@@ -1,0 +1,475 @@
+"""Context-7 rules: expiry, appends under the message cap, summary, topic, cleanup.
+
+Synchronous and database-bound: the proxy hook (:mod:`sessions_ctx7.enrich`)
+runs these in a worker thread; the API, the admin and ``purge_context7`` call
+them directly. Every function that depends on the time takes ``now=`` so tests
+pin the clock.
+
+Concurrency: a turn locks its session row (``SELECT … FOR UPDATE`` on
+PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers) before it reads
+the message counter, so concurrent appends on one session queue up instead of
+racing, none is lost and the cap is never exceeded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from gateway.conf import gw
+from gateway.problems import Forbidden, NotFound
+from sessions_ctx7.models import Message, Session
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SNIPPET_CHARS = 100
+SUMMARY_MESSAGES = 3
+SUMMARY_CHARS = 256
+TOPIC_SCAN_CHARS = 4096
+PURGE_BATCH = 500
+SAVED_FIELDS = [
+    "client",
+    "created_at",
+    "last_activity",
+    "expires_at",
+    "topic",
+    "message_count",
+    "seq",
+    "recent",
+]
+
+# Keyword clustering: the topic with the most keyword hits wins; ties go to the
+# earlier topic in this table; no hit at all is "general".
+TOPIC_KEYWORDS: dict[str, frozenset[str]] = {
+    "code": frozenset(
+        {
+            "code",
+            "coding",
+            "python",
+            "javascript",
+            "typescript",
+            "java",
+            "rust",
+            "golang",
+            "c++",
+            "c#",
+            "function",
+            "functions",
+            "bug",
+            "bugs",
+            "debug",
+            "debugging",
+            "compile",
+            "compiler",
+            "script",
+            "program",
+            "programming",
+            "class",
+            "variable",
+            "api",
+            "sql",
+            "refactor",
+            "exception",
+            "traceback",
+            "stacktrace",
+            "git",
+            "regex",
+            "algorithm",
+            "syntax",
+            "django",
+            "library",
+            "unittest",
+            "pytest",
+            "json",
+            "method",
+        }
+    ),
+    "audio": frozenset(
+        {
+            "audio",
+            "sound",
+            "sounds",
+            "music",
+            "voice",
+            "speech",
+            "song",
+            "songs",
+            "mp3",
+            "wav",
+            "flac",
+            "ogg",
+            "podcast",
+            "microphone",
+            "mic",
+            "transcribe",
+            "transcription",
+            "volume",
+            "noise",
+            "pitch",
+            "melody",
+            "spectrogram",
+        }
+    ),
+    "browser": frozenset(
+        {
+            "browser",
+            "browse",
+            "browsing",
+            "website",
+            "webpage",
+            "web",
+            "url",
+            "link",
+            "links",
+            "chrome",
+            "chromium",
+            "firefox",
+            "safari",
+            "tab",
+            "tabs",
+            "click",
+            "navigate",
+            "scrape",
+            "scraping",
+            "cookie",
+            "cookies",
+            "dom",
+            "html",
+            "css",
+            "selenium",
+            "playwright",
+        }
+    ),
+    "system": frozenset(
+        {
+            "system",
+            "server",
+            "servers",
+            "cpu",
+            "memory",
+            "ram",
+            "disk",
+            "process",
+            "processes",
+            "restart",
+            "reboot",
+            "deploy",
+            "deployment",
+            "install",
+            "linux",
+            "windows",
+            "docker",
+            "kubernetes",
+            "network",
+            "logs",
+            "config",
+            "configuration",
+            "service",
+            "uptime",
+            "kernel",
+            "shell",
+            "terminal",
+            "daemon",
+        }
+    ),
+    "chat": frozenset(
+        {
+            "hello",
+            "hi",
+            "hey",
+            "thanks",
+            "thank",
+            "chat",
+            "talk",
+            "joke",
+            "conversation",
+            "greetings",
+            "bye",
+            "goodbye",
+            "ola",
+            "hola",
+            "gracias",
+        }
+    ),
+}
+_WORD_RE = re.compile(r"[a-z0-9+#]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """What a turn needs after the user's message was recorded."""
+
+    pk: int
+    session_id: str
+    generation: datetime  # created_at: changes when an expired session starts over
+    topic: str
+    summary: str
+    created: bool
+    restarted: bool
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+def resolve_now(now: datetime | None) -> datetime:
+    return timezone.now() if now is None else now
+
+
+def expires_at_for(created_at: datetime, last_activity: datetime) -> datetime:
+    """Sliding TTL from the last activity, never past the absolute cap from creation."""
+    sliding = last_activity + timedelta(seconds=int(gw.context7_ttl_seconds))
+    absolute = created_at + timedelta(seconds=int(gw.context7_max_age_seconds))
+    return min(sliding, absolute)
+
+
+def is_expired(session: Session, *, now: datetime | None = None) -> bool:
+    return session.is_expired(resolve_now(now))
+
+
+def ttl_left(session: Session, *, now: datetime | None = None) -> timedelta:
+    return max(session.expires_at - resolve_now(now), timedelta(0))
+
+
+def clear_expired(*, now: datetime | None = None, owner: str | None = None) -> int:
+    """Delete expired sessions (of ``owner`` only, when given); return how many.
+
+    Batches of rows locked then deleted: a request reviving one of them at the same
+    moment either wins the lock (the row no longer matches) or finds it gone.
+    """
+    now = resolve_now(now)
+    total = 0
+    while True:
+        with transaction.atomic():
+            expired = Session.objects.filter(expires_at__lte=now)
+            if owner is not None:
+                expired = expired.filter(client=owner)
+            pks = list(
+                expired.select_for_update()
+                .order_by("pk")
+                .values_list("pk", flat=True)[:PURGE_BATCH]
+            )
+            if not pks:
+                return total
+            _, per_model = Session.objects.filter(pk__in=pks).delete()
+            total += per_model.get(Session._meta.label, 0)
+        if len(pks) < PURGE_BATCH:
+            return total
+
+
+def expire_now(pks: list[int], *, now: datetime | None = None) -> int:
+    """End sessions at once (admin action); they are purged by the next cleanup."""
+    now = resolve_now(now)
+    return Session.objects.filter(pk__in=pks, expires_at__gt=now).update(expires_at=now)
+
+
+# --------------------------------------------------------------------------- content
+
+
+def snippet(content: str) -> str:
+    return " ".join(content[: SNIPPET_CHARS * 4].split())[:SNIPPET_CHARS]
+
+
+def summary_of(recent: list[Any]) -> str:
+    """``role: first 100 chars`` of the last 3 messages, one per line, ≤ 256 chars."""
+    lines = [f"{role}: {text}" for role, text in recent[-SUMMARY_MESSAGES:]]
+    return "\n".join(lines)[:SUMMARY_CHARS]
+
+
+def classify_topic(text: str) -> str:
+    counts = dict.fromkeys(TOPIC_KEYWORDS, 0)
+    for word in _WORD_RE.findall(text[:TOPIC_SCAN_CHARS].lower()):
+        for topic, words in TOPIC_KEYWORDS.items():
+            if word in words:
+                counts[topic] += 1
+    best = max(counts.values())
+    if best == 0:
+        return "general"
+    return next(topic for topic, count in counts.items() if count == best)
+
+
+# --------------------------------------------------------------------------- turns
+
+
+def _locked(session_filter: dict[str, Any]) -> Session | None:
+    rows = list(Session.objects.select_for_update().filter(**session_filter).order_by()[:1])
+    return rows[0] if rows else None
+
+
+def _push(
+    session: Session, role: str, content: str, metadata: dict[str, Any], now: datetime, cap: int
+) -> None:
+    """Add a message to a locked session; the caller saves the session row.
+
+    Below the cap: one INSERT. At the cap: the oldest row (number ``seq - cap``,
+    numbers are contiguous) is rewritten as the newest — one UPDATE, and the row
+    count never goes past the cap. Anything else (the cap was lowered): insert,
+    then delete all but the newest ``cap``.
+    """
+    session.seq += 1
+    seq = session.seq
+    fields: dict[str, Any] = {
+        "role": role,
+        "content": content,
+        "metadata": metadata,
+        "created_at": now,
+    }
+    if session.message_count < cap:
+        Message.objects.create(session_id=session.pk, seq=seq, **fields)
+        session.message_count += 1
+    elif not (
+        session.message_count == cap
+        and Message.objects.filter(session_id=session.pk, seq=seq - cap).update(seq=seq, **fields)
+    ):
+        Message.objects.create(session_id=session.pk, seq=seq, **fields)
+        Message.objects.filter(session_id=session.pk, seq__lte=seq - cap).delete()
+        session.message_count = Message.objects.filter(session_id=session.pk).count()
+    session.recent = [*session.recent, [role, snippet(content)]][-SUMMARY_MESSAGES:]
+
+
+def open_turn(
+    owner: str,
+    session_id: str,
+    content: str | None,
+    *,
+    now: datetime | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Opened:
+    """Find or start ``session_id`` for ``owner`` and record the user's message.
+
+    Unknown id: created for the caller. Expired (sliding or absolute): started
+    over under the same id with an empty history, for the caller. Alive and
+    owned by someone else: :class:`Forbidden`. Three statements on the usual
+    path: lock/read the row, write the message, write the row.
+    """
+    now = resolve_now(now)
+    for attempt in range(2):
+        try:
+            with transaction.atomic():
+                return _open_turn(owner, session_id, content, now, metadata or {})
+        except IntegrityError:
+            # Two first requests raced to create the same id (PostgreSQL); the
+            # loser retries and finds the winner's row.
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _open_turn(
+    owner: str, session_id: str, content: str | None, now: datetime, metadata: dict[str, Any]
+) -> Opened:
+    cap = int(gw.context7_max_messages)
+    session = _locked({"session_id": session_id})
+    created = restarted = False
+    if session is None:
+        created = True
+        session = Session(session_id=session_id, client=owner, created_at=now)
+    elif session.is_expired(now):
+        restarted = True
+        if session.seq:
+            Message.objects.filter(session_id=session.pk).delete()
+        session.client, session.created_at = owner, now
+        session.message_count, session.recent, session.topic = 0, [], "general"
+    elif session.client != owner:
+        raise Forbidden(f"Session {session_id!r} belongs to another client.")
+    session.last_activity = now
+    session.expires_at = expires_at_for(session.created_at, now)
+    if content is not None:
+        topic = classify_topic(content)
+        if topic != "general":  # a bare "thanks" keeps a code conversation's topic
+            session.topic = topic
+    if created:
+        if content is not None:
+            session.seq = session.message_count = 1
+            session.recent = [["user", snippet(content)]]
+        session.save(force_insert=True)
+        if content is not None:
+            Message.objects.create(
+                session=session,
+                seq=1,
+                role="user",
+                content=content,
+                metadata=metadata,
+                created_at=now,
+            )
+    else:
+        if content is not None:
+            _push(session, "user", content, metadata, now, cap)
+        session.save(update_fields=SAVED_FIELDS)
+    return Opened(
+        session.pk,
+        session.session_id,
+        session.created_at,
+        session.topic,
+        summary_of(session.recent),
+        created,
+        restarted,
+    )
+
+
+def append(
+    pk: int,
+    role: str,
+    content: str,
+    *,
+    generation: datetime,
+    now: datetime | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> bool:
+    """Record a message in the session a turn opened; False if it is gone.
+
+    Gone means deleted, expired, or started over since (its ``created_at`` is no
+    longer ``generation``): a late answer never revives or pollutes a conversation.
+    """
+    now = resolve_now(now)
+    with transaction.atomic():
+        session = _locked({"pk": pk})
+        if session is None or session.created_at != generation or session.is_expired(now):
+            return False
+        _push(session, role, content, metadata or {}, now, int(gw.context7_max_messages))
+        session.last_activity = now
+        session.expires_at = expires_at_for(session.created_at, now)
+        session.save(update_fields=SAVED_FIELDS)
+    return True
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def visible(
+    owner: str | None, *, include_expired: bool = False, now: datetime | None = None
+) -> QuerySet[Session]:
+    """Sessions a caller may see: its own (``owner``), or all (``owner=None``, admins)."""
+    sessions = Session.objects.all()
+    if owner is not None:
+        sessions = sessions.filter(client=owner)
+    if not include_expired:
+        sessions = sessions.filter(expires_at__gt=resolve_now(now))
+    return sessions.order_by("-last_activity", "-pk")
+
+
+def get_for(
+    owner: str,
+    is_admin: bool,
+    session_id: str,
+    *,
+    include_expired: bool = False,
+    now: datetime | None = None,
+) -> Session:
+    """One session for the API: 404 unknown (or expired), 403 someone else's (non-admin)."""
+    session = None
+    if SESSION_ID_RE.match(session_id):
+        session = Session.objects.filter(session_id=session_id).first()
+    if session is None or (not include_expired and session.is_expired(resolve_now(now))):
+        raise NotFound(f"No Context-7 session {session_id[:128]!r}.")
+    if session.client != owner and not is_admin:
+        raise Forbidden("This session belongs to another client.")
+    return session
+
+
+def messages_of(session: Session) -> QuerySet[Message]:
+    return session.messages.order_by("seq")
