@@ -93,7 +93,12 @@ def next_delay(
 
 
 class RetryBudget:
-    """Per-module cap on retries in flight, relative to recent requests (per process).
+    """Per-module cap on retries, relative to recent requests (per process).
+
+    Two limits, both ``max(min_retries, ratio × requests in the window)``: retries
+    in flight, and retries started within the window. The second one is what keeps
+    an outage from being multiplied: however long it lasts, upstream sees at most
+    ``1 + ratio`` attempts per request (plus ``min_retries`` per window).
 
     Requests are counted in ``BUCKETS`` time buckets over ``window`` seconds, so memory
     stays constant however busy a module is. Not thread-safe: one event loop owns it.
@@ -116,12 +121,15 @@ class RetryBudget:
         self.clock = clock
         self._width = window / self.BUCKETS
         self._requests: dict[str, deque[list[int]]] = {}  # module -> [[bucket, count], ...]
+        self._retries: dict[str, deque[list[int]]] = {}
         self._inflight: dict[str, int] = {}
 
-    def _recent(self, module: str, now: float) -> deque[list[int]]:
-        buckets = self._requests.get(module)
+    def _recent(self, module: str, now: float,
+                table: dict[str, deque[list[int]]] | None = None) -> deque[list[int]]:
+        table = self._requests if table is None else table
+        buckets = table.get(module)
         if buckets is None:
-            buckets = self._requests[module] = deque()
+            buckets = table[module] = deque()
         oldest = math.floor(now / self._width) - self.BUCKETS
         while buckets and buckets[0][0] <= oldest:
             buckets.popleft()
@@ -129,8 +137,11 @@ class RetryBudget:
 
     def note_request(self, module: str) -> None:
         """Count one original (non-retry) request towards the module's budget."""
+        self._count(module, self._requests)
+
+    def _count(self, module: str, table: dict[str, deque[list[int]]]) -> None:
         now = self.clock()
-        buckets = self._recent(module, now)
+        buckets = self._recent(module, now, table)
         bucket = math.floor(now / self._width)
         if buckets and buckets[-1][0] == bucket:
             buckets[-1][1] += 1
@@ -145,9 +156,14 @@ class RetryBudget:
     def try_acquire_retry(self, module: str) -> bool:
         """Take a retry slot; pair every True with ``release_retry`` when the retry ends."""
         inflight = self._inflight.get(module, 0)
-        if inflight >= self.limit(module):
+        limit = self.limit(module)
+        if inflight >= limit:
+            return False
+        started = sum(count for _, count in self._recent(module, self.clock(), self._retries))
+        if started >= limit:
             return False
         self._inflight[module] = inflight + 1
+        self._count(module, self._retries)
         return True
 
     def release_retry(self, module: str) -> None:

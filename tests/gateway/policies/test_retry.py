@@ -129,11 +129,15 @@ def test_no_deadline_means_no_cut_off() -> None:
 
 
 def test_budget_denies_the_fourth_concurrent_retry_with_little_traffic() -> None:
-    budget = RetryBudget(clock=FakeClock())
+    clock = FakeClock()
+    budget = RetryBudget(clock=clock)
     for _ in range(5):
         budget.note_request("madre")
     assert [budget.try_acquire_retry("madre") for _ in range(4)] == [True, True, True, False]
     budget.release_retry("madre")
+    # Released, but three retries already started in this window: still no.
+    assert not budget.try_acquire_retry("madre")
+    clock.advance(budget.window + 1)
     assert budget.try_acquire_retry("madre")
 
 
@@ -170,3 +174,19 @@ def test_releasing_more_than_acquired_does_not_go_negative() -> None:
     budget.release_retry("madre")
     assert budget.inflight("madre") == 0
     assert sum(budget.try_acquire_retry("madre") for _ in range(5)) == 3
+
+
+def test_budget_caps_retries_started_in_the_window_not_only_in_flight() -> None:
+    """Sequential retries (each released at once) still stop at 20 % of requests."""
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.2, min_retries=3, window=10.0, clock=clock)
+    for _ in range(100):
+        budget.note_request("madre")
+    granted = 0
+    for _ in range(100):
+        if budget.try_acquire_retry("madre"):
+            granted += 1
+            budget.release_retry("madre")
+    assert granted == 20
+    clock.advance(11)  # a new window: the old requests and retries are forgotten
+    assert budget.try_acquire_retry("madre")  # min_retries still applies
