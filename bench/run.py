@@ -108,6 +108,8 @@ def main() -> int:
         default="task",
         help="task (no Context-7) or chat (Context-7 session on every call)",
     )
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="Extra gateway setting, e.g. --env VX11_RATE_LIMIT_ENABLED=false")
     parser.add_argument(
         "--redis", action="store_true", help="Run the gateway with shared state in a real Redis"
     )
@@ -135,6 +137,7 @@ def main() -> int:
             "VX11_LOG_LEVEL": "WARNING",
         }
         env.pop("DATABASE_URL", None)
+        env.update(item.split("=", 1) for item in args.env)
         if args.redis:
             redis = RedisServer().start()
             env["VX11_REDIS_URL"] = redis.url

@@ -7,6 +7,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import Model
 from django.http import HttpRequest
+from django.urls import URLPattern, path
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
@@ -32,6 +33,8 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
     list_filter = ["enabled"]
     search_fields = ["name", "url"]
     readonly_fields = ["updated_at", "defaults_note"]
+    actions = ["breaker_reset", "breaker_force_open", "breaker_force_closed", "breaker_auto",
+               "probe_now"]
     fieldsets = [
         (None, {"fields": ["name", "url", "defaults_note", "health_path", "enabled"]}),
         (
@@ -73,6 +76,53 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
         if obj.failure_rate_threshold is not None:
             parts.append(f"rate ≥ {obj.failure_rate_threshold:g}")
         return ", ".join(parts) or "defaults"
+
+    def _breaker(self, request: HttpRequest, queryset: Any, action: str) -> None:
+        """The same call as ``POST /vx11/circuit-breaker/{module}`` (gateway.api.breakers)."""
+        from gateway.api.breakers import force_breaker, module_table
+
+        table = module_table()
+        try:
+            done = [f"{m.name} → {force_breaker(m.name, action, table).state}"
+                    for m in queryset if m.name in table]
+        except Exception as exc:
+            self.message_user(request, f"Breaker {action} failed: {exc!r}", messages.ERROR)
+            return
+        self.message_user(request, f"Breaker {action}: {', '.join(done)}.", messages.SUCCESS)
+
+    @admin.action(description="Breaker: reset (closed, counters cleared)")
+    def breaker_reset(self, request: HttpRequest, queryset: Any) -> None:
+        self._breaker(request, queryset, "reset")
+
+    @admin.action(description="Breaker: force open (refuse every call)")
+    def breaker_force_open(self, request: HttpRequest, queryset: Any) -> None:
+        self._breaker(request, queryset, "force_open")
+
+    @admin.action(description="Breaker: force closed (admit every call)")
+    def breaker_force_closed(self, request: HttpRequest, queryset: Any) -> None:
+        self._breaker(request, queryset, "force_closed")
+
+    @admin.action(description="Breaker: back to automatic")
+    def breaker_auto(self, request: HttpRequest, queryset: Any) -> None:
+        self._breaker(request, queryset, "auto")
+
+    @admin.action(description="Probe health now")
+    def probe_now(self, request: HttpRequest, queryset: Any) -> None:
+        from gateway.api.breakers import module_table
+        from gateway.healthcheck import probe_now
+
+        table = module_table()
+        for m in queryset:
+            if m.name not in table:
+                continue
+            result, state = probe_now(table[m.name])
+            if result.ok:
+                self.message_user(request, f"{m.name}: up ({result.latency_ms:g} ms).",
+                                  messages.SUCCESS)
+            else:
+                self.message_user(request, f"{m.name}: down — {result.error} "
+                                  f"({state.consecutive_failures} failure(s) in a row).",
+                                  messages.WARNING)
 
 
 @admin.register(Route)
@@ -244,3 +294,16 @@ class ModuleHealthAdmin(ReadOnlyAdmin[ModuleHealth]):
         "last_error",
     ]
     list_filter = ["status"]
+    change_list_template = "admin/gateway/modulehealth/change_list.html"  # + cache-clear button
+
+    def get_urls(self) -> list[URLPattern]:
+        from gateway.api.edge import admin_clear_cache
+
+        view = self.admin_site.admin_view(admin_clear_cache)
+        return [path("clear-cache/", view, name="gateway_cache_clear"), *super().get_urls()]
+
+
+# The live dashboard (/admin/dashboard/) and its session endpoints: gateway/dashboard.py.
+from gateway import dashboard  # noqa: E402
+
+dashboard.install(admin.site)

@@ -9,6 +9,7 @@ finding a token whose digest shares a prefix is a preimage search).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -39,12 +40,18 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
+@functools.lru_cache(maxsize=64)
+def _digests(candidates: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
+    """The configured tokens' digests, computed once per configuration."""
+    return tuple((candidate, _digest(candidate)) for candidate in candidates)
+
+
 def _match_any(token: str, candidates: list[str]) -> str | None:
     """Compare against every candidate (no early exit); return the matching one."""
     digest = _digest(token)
     found: str | None = None
-    for candidate in candidates:
-        if hmac.compare_digest(digest, _digest(candidate)):
+    for candidate, candidate_digest in _digests(tuple(candidates)):
+        if hmac.compare_digest(digest, candidate_digest):
             found = candidate
     return found
 

@@ -113,6 +113,16 @@ async def flush(timeout: float = 5.0) -> None:
         await asyncio.wait_for(queue.join(), timeout)
 
 
+def wait_idle(timeout: float = 5.0) -> bool:
+    """From any thread: wait until every loop's queued events are handled (tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(getattr(q, "_unfinished_tasks", 0) == 0 for q in list(_queues.values())):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def breaker_transition(transition: Any) -> None:
     """The breaker's ``on_transition`` hook: metrics now, the rest in the background."""
     metrics.breaker_transition(transition.module, transition.to_state)

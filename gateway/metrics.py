@@ -9,6 +9,7 @@ known intents and modules, status codes, a fixed set of /shub paths.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -62,10 +63,22 @@ def method_label(method: str) -> str:
     return method if method in _METHODS else "OTHER"
 
 
+_children: dict[tuple[str, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(...)`` memoised: label values are bounded, lookups are per request."""
+    key = (metric._name, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def request(intent: str, module: str, status: int, seconds: float | None) -> None:
-    REQUESTS.labels(intent, module, str(status)).inc()
+    _child(REQUESTS, intent, module, str(status)).inc()
     if seconds is not None:
-        UPSTREAM_LATENCY.labels(module).observe(seconds)
+        _child(UPSTREAM_LATENCY, module).observe(seconds)
 
 
 def shub_request(path: str, method: str, status: int, seconds: float) -> None:

@@ -6,12 +6,14 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.core.exceptions import BadRequest, PermissionDenied, SuspiciousOperation
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 
 from gateway import correlation
 from gateway.problems import GatewayError, InternalError
 
 log = logging.getLogger("gateway")
+_DJANGO_HANDLED = (Http404, PermissionDenied, SuspiciousOperation, BadRequest)
 
 
 def problem_response(exc: GatewayError, cid: str) -> HttpResponse:
@@ -63,9 +65,11 @@ class CorrelationMiddleware:
         response["X-Correlation-ID"] = cid
         return response
 
-    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse:
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         cid = getattr(request, "correlation_id", correlation.current.get())
         if isinstance(exception, GatewayError):
             return problem_response(exception, cid)
+        if isinstance(exception, _DJANGO_HANDLED):
+            return None  # Django answers these itself (404, 403, 400) through its handlers
         log.error("unexpected error", exc_info=exception, extra={"path": request.path})
         return problem_response(InternalError(), cid)

@@ -16,6 +16,7 @@ import time
 
 from gateway import metrics, services, upstream
 from gateway.asgi_util import Receive, Send
+from gateway.auth import Principal
 from gateway.conf import gw
 from gateway.policies.backpressure import Overloaded, QueueTimeout, priority_from_name
 from gateway.policies.ratelimit import Scope, ratelimit_headers
@@ -74,22 +75,27 @@ async def handle(call: Call, receive: Receive, send: Send) -> None:
 # --------------------------------------------------------------------------- rate limits
 
 
-async def rate_limit(call: Call, svc: services.Services) -> None:
-    """Token, IP and protected scopes, decided in one store round trip."""
-    if not gw.rate_limit_enabled:
-        return
+def build_scopes(principal: Principal, client_ip: str, protected: bool) -> list[Scope]:
+    """The limits one request is counted against (also read by the status endpoint)."""
     window = int(gw.rate_limit_window)
-    principal = call.principal
     scopes = []
     if principal.authenticated:
         scopes.append(Scope("token", "token:" + principal.id,
                             principal.rate_limit or int(gw.rate_limit_token), window))
-    scopes.append(Scope("ip", "ip:" + call.client_ip, int(gw.rate_limit_ip), window))
-    if call.protected:
-        who = principal.id if principal.authenticated else "ip:" + call.client_ip
+    scopes.append(Scope("ip", "ip:" + client_ip, int(gw.rate_limit_ip), window))
+    if protected:
+        who = principal.id if principal.authenticated else "ip:" + client_ip
         scopes.append(Scope("protected", "protected:" + who,
                             principal.protected_rate_limit or int(gw.rate_limit_protected),
                             window))
+    return scopes
+
+
+async def rate_limit(call: Call, svc: services.Services) -> None:
+    """Token, IP and protected scopes, decided in one store round trip."""
+    if not gw.rate_limit_enabled:
+        return
+    scopes = build_scopes(call.principal, call.client_ip, call.protected)
     decision = await svc.limiter.check(scopes)
     headers = ratelimit_headers(decision)
     if decision.would_refuse and decision.refused_by is not None:

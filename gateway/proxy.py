@@ -242,7 +242,7 @@ class ProxyApp:
         try:
             call = await self.build_call(scope, cid)
             await self.pipeline.handle(call, receive, guarded_send)
-        except GatewayError:
+        except GatewayError as exc:
             if call is not None and call.client_gone:
                 log.info("client disconnected before sending its whole request")
                 return

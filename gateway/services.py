@@ -10,11 +10,13 @@ without it, in process memory.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 
 from gateway import events, store
 from gateway.conf import gw
+from gateway.modules import ModuleInfo
 from gateway.policies.backpressure import PriorityLimiter
 from gateway.policies.breaker import (
     BreakerBackend,
@@ -51,6 +53,22 @@ def breaker_config(module: str) -> BreakerConfig:
     cached = _config_cache.get(key)
     if cached is not None:
         return cached
+    cfg = module_config(info)
+    if len(_config_cache) > 1000:
+        _config_cache.clear()
+    _config_cache[key] = cfg
+    return cfg
+
+
+def module_config(info: ModuleInfo | None) -> BreakerConfig:
+    """The breaker settings of one module (``None``: the ``VX11_CB_*`` defaults), uncached.
+
+    Management code that loaded the module table itself (not through the snapshot
+    holder) passes the module's entry here.
+    """
+    cfg = _default_config()
+    if info is None:
+        return cfg
     changes = {
         name: value
         for name in ("failure_threshold", "recovery_timeout", "half_open_max_calls",
@@ -62,9 +80,6 @@ def breaker_config(module: str) -> BreakerConfig:
         from dataclasses import replace
 
         cfg = replace(cfg, **changes)
-    if len(_config_cache) > 1000:
-        _config_cache.clear()
-    _config_cache[key] = cfg
     return cfg
 
 
@@ -97,6 +112,55 @@ class Services:
 
 
 _by_loop: dict[int, Services] = {}
+_memory_breakers: dict[int, MemoryBreakerBackend] = {}
+_memory_lock = threading.Lock()
+
+
+def memory_breaker_backend() -> MemoryBreakerBackend:
+    """This process's in-memory breaker state, one object for every event loop.
+
+    Services are per loop, but breaker state must not be: a reset or force done by
+    the management API (a sync view, which runs its coroutine on a loop of its own)
+    must be seen by the proxy's loop at once. Memory decisions never ``await``, and
+    ``dict`` steps are atomic under the GIL, so sharing the object across loops is
+    safe enough for rare operator actions. A settings reload starts it afresh.
+    """
+    with _memory_lock:
+        backend = _memory_breakers.get(gw.generation)
+        if backend is None:
+            _memory_breakers.clear()
+            backend = _memory_breakers[gw.generation] = MemoryBreakerBackend()
+        return backend
+
+
+_memory_caches: dict[int, MemoryResponseCache] = {}
+_memory_limiters: dict[int, MemoryRateLimitBackend] = {}
+
+
+def memory_response_cache() -> MemoryResponseCache:
+    """This process's in-memory health cache, one object for every loop and thread.
+
+    ``POST /shub/cache/clear``, the admin button and ``clear_gateway_cache`` may run
+    on another loop (or a sync thread) than the proxy: clearing must empty the cache
+    the proxy serves from. The cache locks itself (``threading.Lock``).
+    """
+    with _memory_lock:
+        cache = _memory_caches.get(gw.generation)
+        if cache is None:
+            _memory_caches.clear()
+            cache = _memory_caches[gw.generation] = MemoryResponseCache()
+        return cache
+
+
+def memory_rate_limit_backend() -> MemoryRateLimitBackend:
+    """This process's in-memory rate-limit log, shared by every loop (the limit is per
+    process when embedded, and ``GET /vx11/rate-limit/status`` must read the same log)."""
+    with _memory_lock:
+        backend = _memory_limiters.get(gw.generation)
+        if backend is None:
+            _memory_limiters.clear()
+            backend = _memory_limiters[gw.generation] = MemoryRateLimitBackend()
+        return backend
 
 
 def build() -> Services:
@@ -107,13 +171,13 @@ def build() -> Services:
     if store.shared():
         client = store.async_client()
         breaker_backend = FallbackBreakerBackend(
-            RedisBreakerBackend(client), MemoryBreakerBackend(), timeout=timeout)
+            RedisBreakerBackend(client), memory_breaker_backend(), timeout=timeout)
         limiter_backend = RedisRateLimitBackend(client)
         cache_backend = RedisResponseCache(client)
     else:
-        breaker_backend = MemoryBreakerBackend()
-        limiter_backend = MemoryRateLimitBackend()
-        cache_backend = MemoryResponseCache()
+        breaker_backend = memory_breaker_backend()
+        limiter_backend = memory_rate_limit_backend()
+        cache_backend = memory_response_cache()
     return Services(
         breaker=CircuitBreaker(breaker_backend, breaker_config, clock=time.time,
                                on_transition=events.breaker_transition,
@@ -140,3 +204,6 @@ def get() -> Services:
 def reset() -> None:
     _by_loop.clear()
     _config_cache.clear()
+    _memory_breakers.clear()
+    _memory_caches.clear()
+    _memory_limiters.clear()

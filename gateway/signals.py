@@ -20,3 +20,14 @@ from gateway.snapshot import bump_version
 @receiver(post_delete, sender=ApiClient)
 def config_changed(sender: type, **kwargs: Any) -> None:
     transaction.on_commit(bump_version)
+
+
+@receiver(post_save, sender=Route)
+@receiver(post_delete, sender=Route)
+def route_changed(sender: type, instance: Route, **kwargs: Any) -> None:
+    """Tell live dashboards (``/ws/events``) once the change is committed."""
+    from gateway import events
+
+    action = "deleted" if kwargs.get("signal") is post_delete else "saved"
+    event = {"type": "route.changed", "intent": instance.intent, "action": action}
+    transaction.on_commit(lambda: events.emit(event))

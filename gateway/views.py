@@ -12,7 +12,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from gateway import correlation, store
 from gateway.middleware import problem_response
-from gateway.problems import InternalError, NotFound
+from gateway.problems import Forbidden, InternalError, NotFound
 
 log = logging.getLogger("gateway")
 VERSION = "1.0.0"
@@ -54,6 +54,27 @@ async def ready(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {"status": "ready" if ok else "not_ready", "checks": checks}, status=200 if ok else 503
     )
+
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+async def metrics_view(request: HttpRequest) -> HttpResponse:
+    """``GET /metrics``: Prometheus text, no token (``VX11_METRICS_*`` switch and allow-list)."""
+    from gateway import metrics
+    from gateway.api.edge import refresh_gauges
+    from gateway.conf import gw
+    from gateway.headers import client_ip, ip_allowed
+
+    cid = correlation.current.get()
+    if not gw.metrics_enabled:
+        return problem_response(NotFound("Metrics are turned off (VX11_METRICS_ENABLED)."), cid)
+    peer = str(request.META.get("REMOTE_ADDR") or "")
+    ip, _ = client_ip(peer, request.headers.get("X-Forwarded-For"), list(gw.trusted_proxies))
+    if not ip_allowed(ip, list(gw.metrics_allowed_ips)):
+        return problem_response(Forbidden("This address may not read the metrics."), cid)
+    await refresh_gauges()
+    return HttpResponse(metrics.exposition(), content_type=METRICS_CONTENT_TYPE)
 
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

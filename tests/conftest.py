@@ -186,8 +186,11 @@ def gateway(
     _live_gateway: LiveGateway, transactional_db: None, gw_env: GwEnv, upstream: UpstreamServer
 ) -> Iterator[LiveGateway]:
     """A live gateway whose every module points at the ``upstream`` test server."""
+    from gateway import events
+
     gw_env.set(**{f"VX11_MODULE_{name.upper()}_URL": upstream.url for name in MODULE_NAMES})
     yield _live_gateway
+    events.wait_idle()  # background writes finish before the test database is flushed
 
 
 @pytest.fixture

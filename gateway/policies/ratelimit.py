@@ -25,6 +25,7 @@ whose clock is skewed by ``s`` seconds shifts its own view of the window by ``s`
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 import time
@@ -431,6 +432,12 @@ def _sf_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=1024)
+def _policy(scopes: tuple[tuple[str, int, int], ...]) -> str:
+    """The ``RateLimit-Policy`` value (a handful of distinct values: cached)."""
+    return ", ".join(f"{_sf_string(name)};q={limit};w={window}" for name, limit, window in scopes)
+
+
 def ratelimit_headers(decision: Decision) -> list[tuple[str, str]]:
     """Response headers for a decision (draft-ietf-httpapi-ratelimit-headers-10 + X-RateLimit-*).
 
@@ -440,9 +447,7 @@ def ratelimit_headers(decision: Decision) -> list[tuple[str, str]]:
     """
     if not decision.results:
         return []
-    policy = ", ".join(
-        f"{_sf_string(r.scope.name)};q={r.scope.limit};w={r.scope.window}" for r in decision.results
-    )
+    policy = _policy(tuple((r.scope.name, r.scope.limit, r.scope.window) for r in decision.results))
     top = decision.most_restrictive()
     reset = _ceil_seconds(top.reset)
     headers = [

@@ -181,3 +181,14 @@ def test_production_refuses_to_start_without_token():
         timeout=60,
     )
     assert ok.returncode == 0, ok.stderr
+
+
+def test_admin_permission_errors_are_not_turned_into_500(http, django_user_model):
+    """A staff user without rights gets Django's 403, not a 500 problem."""
+    django_user_model.objects.create_user("clerk", password="pw-123456", is_staff=True)
+    login = http.get("/admin/login/")
+    token = login.text.split('name="csrfmiddlewaretoken" value="')[1].split('"')[0]
+    http.post("/admin/login/", data={"username": "clerk", "password": "pw-123456",
+                                     "csrfmiddlewaretoken": token, "next": "/admin/"})
+    r = http.get("/admin/gateway/route/add/")
+    assert r.status_code == 403

@@ -1,0 +1,31 @@
+#!/bin/sh
+# Entrypoint of the VX11 Gateway image.
+#
+#   (no arguments)          the gateway: the image's CMD, the README's production command
+#   migrate [ARGS]          python manage.py migrate --noinput [ARGS]
+#   manage COMMAND [ARGS]   python manage.py COMMAND [ARGS]
+#   anything else           executed as given, e.g. python manage.py run_health_checks
+set -eu
+
+# prometheus_client's multiprocess mode needs an empty folder before the workers start:
+# files left by processes of an earlier run would be summed into /metrics.
+if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
+    mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+    find "$PROMETHEUS_MULTIPROC_DIR" -mindepth 1 -maxdepth 1 -name '*.db' -delete
+fi
+
+case "${1:-}" in
+    migrate)
+        shift
+        exec python manage.py migrate --noinput "$@"
+        ;;
+    manage)
+        shift
+        exec python manage.py "$@"
+        ;;
+    "")
+        echo "usage: entrypoint.sh migrate | manage COMMAND [ARGS] | PROGRAM [ARGS]" >&2
+        exit 2
+        ;;
+esac
+exec "$@"

@@ -1,0 +1,163 @@
+"""``/ws/events``: the live event stream for staff sessions and admin tokens (SPEC §13).
+
+On connect the client gets a ``snapshot`` (every module's breaker and health), then
+every event published on the channel layer group :data:`gateway.events.GROUP`:
+``breaker.transition``, ``module.health``, ``route.changed``, ``cache.cleared``.
+A client that reconnects resynchronises from the fresh snapshot; it may also ask
+for one at any time by sending ``{"type": "snapshot"}``.
+
+Close codes: 4401 when no credential was offered, 4403 when the credential is wrong,
+not an admin, or a session cookie arrives from a foreign origin (a cookie is sent by
+the browser on any page's behalf, so a session is only trusted from our own pages).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.http.request import validate_host
+
+from gateway import auth, events, services
+from gateway.api.breakers import UNKNOWN_HEALTH, health_rows
+from gateway.conf import gw
+from gateway.snapshot import holder
+
+log = logging.getLogger(__name__)
+
+CLOSE_AUTH_REQUIRED = 4401
+CLOSE_FORBIDDEN = 4403
+
+
+async def breaker_states(modules: list[str]) -> dict[str, dict[str, Any]]:
+    """Each module's breaker as SPEC §6 reports it, plus the operator override."""
+    statuses = await services.get().breaker.statuses(modules)
+    return {name: {**s.as_dict(), "forced": s.forced} for name, s in statuses.items()}
+
+
+async def state_snapshot() -> dict[str, Any]:
+    """The ``snapshot`` message: all modules with URL, health and breaker."""
+    snap = await holder.current()
+    names = sorted(snap.modules)
+    health = await database_sync_to_async(health_rows)()
+    modules = {
+        name: {
+            "url": snap.modules[name].url,
+            "enabled": snap.modules[name].enabled,
+            "health_path": snap.modules[name].health_path,
+            **health.get(name, UNKNOWN_HEALTH),
+        }
+        for name in names
+    }
+    return {
+        "type": "snapshot",
+        "breakers": await breaker_states(names),
+        "modules": modules,
+        "time": time.time(),
+    }
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def same_origin(scope: dict[str, Any]) -> bool:
+    """The browser's ``Origin`` names this site (its Host) or a trusted origin."""
+    origin = _header(scope, b"origin")
+    if not origin:
+        return False
+    if origin in settings.CSRF_TRUSTED_ORIGINS:
+        return True
+    parts = urlsplit(origin)
+    host = _header(scope, b"host") or ""
+    allowed = list(settings.ALLOWED_HOSTS) or ["localhost", "127.0.0.1", "[::1]"]
+    return (
+        parts.scheme in ("http", "https")
+        and parts.netloc == host
+        and validate_host(parts.hostname or "", allowed)
+    )
+
+
+class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+    """Streams gateway events to one operator."""
+
+    joined = False
+
+    async def _authorise(self) -> int | None:
+        """None when the caller may listen, else the close code."""
+        token = auth.client_token(
+            _header(self.scope, b"x-vx11-token"), _header(self.scope, b"authorization")
+        )
+        if token is not None:
+            if not gw.auth_enabled:
+                return None
+            principal = auth.authenticate(token, await holder.current())
+            if principal is None or not principal.is_admin:
+                return CLOSE_FORBIDDEN
+            return None
+        user = self.scope.get("user")
+        if user is not None and user.is_authenticated:
+            if not (user.is_active and user.is_staff):
+                return CLOSE_FORBIDDEN
+            return None if same_origin(self.scope) else CLOSE_FORBIDDEN
+        if not gw.auth_enabled:
+            return None
+        return CLOSE_AUTH_REQUIRED
+
+    async def connect(self) -> None:
+        refused = await self._authorise()
+        # Accept first: a close before the handshake completes carries no code.
+        await self.accept()
+        if refused is not None:
+            await self.close(code=refused)
+            return
+        await self.channel_layer.group_add(events.GROUP, self.channel_name)
+        self.joined = True
+        await self.send_json(await state_snapshot())
+
+    async def disconnect(self, code: int) -> None:
+        if self.joined:
+            await self.channel_layer.group_discard(events.GROUP, self.channel_name)
+            self.joined = False
+
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        """Text JSON only; anything else is ignored, like a message we do not understand."""
+        if text_data is None:
+            return
+        try:
+            content = json.loads(text_data)
+        except ValueError:
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if self.joined and isinstance(content, dict) and content.get("type") == "snapshot":
+            await self.send_json(await state_snapshot())
+
+    async def gateway_event(self, message: dict[str, Any]) -> None:
+        """A group message ``{"type": "gateway.event", "event": {...}}``: pass it on."""
+        event = message.get("event")
+        if not (isinstance(event, dict) and self.joined):
+            return
+        if event.get("type") == "breaker.transition" and isinstance(event.get("module"), str):
+            # The transition says where the breaker went; add what it reads now (failure
+            # count, retry_after), so a dashboard needs no second request.
+            try:
+                event = {
+                    **event,
+                    "breaker": (await breaker_states([event["module"]]))[event["module"]],
+                }
+            except Exception:
+                log.exception("could not read the breaker for a transition event")
+        await self.send_json(event)

@@ -1,0 +1,162 @@
+"""The operator dashboard: one admin page, live through ``/ws/events`` (SPEC §14).
+
+The page renders every module's breaker and health from the server (so it is
+useful before the socket connects, or without JavaScript); ``dashboard.js`` then
+keeps it current from the event stream. Its buttons call the management API with
+the staff session: breaker actions go to ``POST /vx11/circuit-breaker/{module}``;
+"probe now" and "clear cache" have session endpoints here, because the public
+ones need gateway tokens the browser does not hold.
+
+The URLs are added by wrapping the admin site's ``get_urls`` (:func:`install`),
+the way ``django/contrib/auth/admin.py`` adds its own views.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from asgiref.sync import async_to_sync, sync_to_async
+from django.contrib.admin import AdminSite
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, URLResolver, path, reverse
+from django.views.decorators.http import require_POST
+
+from gateway.consumers import state_snapshot
+from gateway.middleware import problem_response
+from gateway.problems import AuthRequired, Forbidden, GatewayError, NotFound
+from gateway.snapshot import holder
+
+# --------------------------------------------------------------------------- presentation
+
+BREAKER_TONES = {"closed": "ok", "half_open": "warn", "open": "bad"}
+HEALTH_TONES = {"up": "ok", "down": "bad", "unknown": "idle"}
+
+
+def breaker_label(breaker: dict[str, Any]) -> str:
+    state = str(breaker.get("state", "unknown"))
+    label = state.replace("_", "-")
+    if breaker.get("forced"):
+        label += f" (forced {breaker['forced']})"
+    return label
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "never"
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%H:%M:%S UTC")
+
+
+def cards(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each module's card shows on first paint (dashboard.js renders the same)."""
+    rows = []
+    for name, module in state["modules"].items():
+        breaker = state["breakers"].get(name, {})
+        status = module.get("status", "unknown")
+        rows.append(
+            {
+                "name": name,
+                "url": module.get("url", ""),
+                "enabled": module.get("enabled", True),
+                "breaker_state": breaker.get("state", "unknown"),
+                "breaker_label": breaker_label(breaker),
+                "breaker_tone": BREAKER_TONES.get(breaker.get("state", ""), "idle"),
+                "failure_count": breaker.get("failure_count", 0),
+                "health": status,
+                "health_tone": HEALTH_TONES.get(status, "idle"),
+                "latency": "—"
+                if module.get("latency_ms") is None
+                else f"{module['latency_ms']:.0f} ms",
+                "last_check": _when(module.get("last_check")),
+                "last_error": module.get("last_error", ""),
+            }
+        )
+    return rows
+
+
+def dashboard_view(site: AdminSite) -> Callable[[HttpRequest], HttpResponse]:
+    def view(request: HttpRequest) -> HttpResponse:
+        state = async_to_sync(state_snapshot)()
+        context = {
+            **site.each_context(request),
+            "title": "Live dashboard",
+            "cards": cards(state),
+            "breaker_url": "/vx11/circuit-breaker/",
+            "probe_url": reverse("admin:dashboard-probe", args=["__module__"]),
+            "clear_cache_url": reverse("admin:dashboard-clear-cache"),
+            "ws_path": "/ws/events",
+        }
+        return TemplateResponse(request, "admin/gateway/dashboard.html", context)
+
+    return view
+
+
+# --------------------------------------------------------------------------- session endpoints
+
+
+def _problem(request: HttpRequest, exc: GatewayError) -> HttpResponse:
+    return problem_response(exc, getattr(request, "correlation_id", ""))
+
+
+async def _refusal(request: HttpRequest) -> HttpResponse | None:
+    """Staff sessions only; the answer is problem+json, not a login redirect."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return _problem(request, AuthRequired("Log in to the admin first."))
+    if not (user.is_active and user.is_staff):
+        return _problem(request, Forbidden("This action needs a staff account."))
+    return None
+
+
+@require_POST
+async def clear_cache(request: HttpRequest) -> HttpResponse:
+    """The "clear cache" button: what ``POST /shub/cache/clear`` does, for a staff session."""
+    from gateway.api import edge
+
+    refused = await _refusal(request)
+    if refused is not None:
+        return refused
+    try:
+        deleted = await edge.clear_cache("dashboard")
+    except GatewayError as exc:
+        return _problem(request, exc)
+    return JsonResponse({"status": "cleared", "keys_deleted": deleted, "timestamp": time.time()})
+
+
+@require_POST
+async def probe(request: HttpRequest, module: str) -> HttpResponse:
+    """The "probe now" button: one health probe, stored and announced like the worker's."""
+    from gateway import healthcheck
+
+    refused = await _refusal(request)
+    if refused is not None:
+        return refused
+    info = (await holder.current()).modules.get(module)
+    if info is None:
+        return _problem(request, NotFound(f"There is no module named {module[:40]!r}."))
+    result, state = await sync_to_async(healthcheck.probe_now)(info)
+    return JsonResponse({"module": module, **healthcheck.health_dict(state, result)})
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def install(site: AdminSite) -> None:
+    """Add the dashboard's URLs in front of the admin site's own (idempotent)."""
+    if getattr(site, "_vx11_dashboard", False):
+        return
+    original = site.get_urls
+
+    def get_urls() -> list[URLPattern | URLResolver]:
+        extra: list[URLPattern | URLResolver] = [
+            path("dashboard/", site.admin_view(dashboard_view(site)), name="dashboard"),
+            path("dashboard/clear-cache/", clear_cache, name="dashboard-clear-cache"),
+            path("dashboard/probe/<str:module>/", probe, name="dashboard-probe"),
+        ]
+        return extra + original()
+
+    site.get_urls = get_urls  # type: ignore[method-assign]
+    site._vx11_dashboard = True  # type: ignore[attr-defined]

@@ -1,0 +1,135 @@
+"""``manage.py run_health_checks``: the active health-check worker (SPEC §11).
+
+Long-running by default: probes every enabled module on the schedule of
+:class:`gateway.healthcheck.HealthSchedule`, one checker per deployment when Redis is
+configured (leader lease), and stops cleanly on SIGTERM or SIGINT, releasing the lease.
+``--once`` probes every enabled module once, stores the results, prints a table and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+from django.core.management.base import BaseCommand, CommandParser
+
+from gateway import events, store
+from gateway.conf import gw
+from gateway.healthcheck import (
+    HealthChecker,
+    HealthSchedule,
+    Lease,
+    LocalLease,
+    ProbeResult,
+    RedisLease,
+)
+
+
+def _client() -> httpx.AsyncClient:
+    # Probes go to the modules directly: no proxies from the environment, no redirects.
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+    )
+
+
+async def _close_shared_clients() -> None:
+    if store.shared():
+        with contextlib.suppress(Exception):
+            await store.async_client().aclose()
+
+
+class Command(BaseCommand):
+    help = (
+        "Probe every enabled module's health path (5 s healthy, 1 s in an incident, "
+        "backoff while down); one checker at a time across hosts when Redis is configured."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--once",
+            action="store_true",
+            help="Probe every enabled module once, store the results, print a table and exit.",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["once"]:
+            results = asyncio.run(self._once())
+            self._table(results)
+            return
+        asyncio.run(self._serve())
+
+    async def _once(self) -> list[tuple[ProbeResult, int]]:
+        try:
+            async with _client() as client:
+                checker = HealthChecker(
+                    client,
+                    schedule=HealthSchedule.from_settings(),
+                    timeout=float(gw.health_timeout),
+                )
+                results = await checker.run_once()
+                with contextlib.suppress(TimeoutError):
+                    await events.flush(2.0)
+                return [(r, checker.states[r.module].consecutive_failures) for r in results]
+        finally:
+            await _close_shared_clients()
+
+    def _table(self, rows: list[tuple[ProbeResult, int]]) -> None:
+        header = f"{'MODULE':<14} {'STATUS':<7} {'LATENCY_MS':>10} {'FAILURES':>8}  ERROR"
+        self.stdout.write(header)
+        for result, failures in rows:
+            latency = "-" if result.latency_ms is None else f"{result.latency_ms:.1f}"
+            status = "up" if result.ok else "down"
+            line = f"{result.module:<14} {status:<7} {latency:>10} {failures:>8}  {result.error}"
+            self.stdout.write(line.rstrip())
+        up = sum(1 for r, _ in rows if r.ok)
+        summary = f"{len(rows)} module(s) probed: {up} up, {len(rows) - up} down"
+        style = self.style.SUCCESS if up == len(rows) else self.style.WARNING
+        self.stdout.write(style(summary))
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        schedule = HealthSchedule.from_settings()
+        renew_every = schedule.incident_interval
+        redis_client: aioredis.Redis | None = None
+        lease: Lease
+        if store.shared():
+            redis_client = aioredis.Redis.from_url(
+                store.redis_url(), socket_timeout=1.0, socket_connect_timeout=1.0
+            )
+            lease = RedisLease(redis_client, ttl=3 * renew_every)
+            mode = "leader election through Redis"
+        else:
+            lease = LocalLease()
+            mode = "no shared store: this worker is the only checker"
+        self.stdout.write(
+            f"health checks: every {schedule.interval:g} s healthy, "
+            f"{schedule.incident_interval:g} s in an incident, up to "
+            f"{schedule.max_backoff:g} s while down ({mode}); Ctrl-C stops"
+        )
+        self.stdout.flush()
+        try:
+            async with _client() as client:
+                checker = HealthChecker(
+                    client,
+                    schedule=schedule,
+                    lease=lease,
+                    timeout=float(gw.health_timeout),
+                    renew_every=renew_every,
+                )
+                await checker.run(stop)
+            with contextlib.suppress(Exception):
+                await events.flush(0.5)
+        finally:
+            if redis_client is not None:
+                await redis_client.aclose()
+            await _close_shared_clients()
+        self.stdout.write("health checks stopped")

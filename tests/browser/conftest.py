@@ -1,0 +1,173 @@
+"""Real-browser fixtures: Debian's chromium driven by Playwright, a live gateway with WebSockets.
+
+The shared ``gateway`` fixture serves HTTP only (``ws="none"``); the dashboard needs
+``/ws/events``, so these tests run their own uvicorn with the ``websockets`` protocol,
+on a thread of the test process, sharing the test database like the shared one.
+Never ``playwright install``: the browser is the system's ``/usr/bin/chromium``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import MODULE_NAMES, OPERATOR_TOKEN, GwEnv
+from tests.servers import UpstreamServer, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = os.environ.get("VX11_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+STAFF_USER = "operator"
+STAFF_PASSWORD = "dashboard-pass-0123"
+TIMEOUT_MS = 10_000
+
+# Playwright's sync API keeps an event loop on this thread between calls; the ORM
+# calls these tests make in between are plain synchronous ones.
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+
+class WsGateway:
+    """The real ASGI application under uvicorn with WebSockets, on a thread."""
+
+    def __init__(self, port: int | None = None) -> None:
+        import uvicorn
+
+        from vx11site.asgi import application
+
+        self.port = port or free_port()
+        config = uvicorn.Config(
+            application,
+            host="127.0.0.1",
+            port=self.port,
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            loop="asyncio",
+            proxy_headers=False,
+            http="h11",
+            ws="websockets",
+            timeout_graceful_shutdown=1,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="ws-gateway")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> WsGateway:
+        self.thread.start()
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def _ws_gateway(django_db_setup: None, django_db_blocker: Any) -> Iterator[WsGateway]:
+    from gateway.conf import gw
+
+    os.environ.setdefault("VX11_TOKEN", OPERATOR_TOKEN)
+    gw.reload()
+    with django_db_blocker.unblock():
+        server = WsGateway().start()
+    yield server
+    server.stop()
+
+
+def point_modules_at(gw_env: GwEnv, upstream: UpstreamServer) -> None:
+    gw_env.set(**{f"VX11_MODULE_{name.upper()}_URL": upstream.url for name in MODULE_NAMES})
+
+
+@pytest.fixture
+def site(
+    _ws_gateway: WsGateway, transactional_db: None, gw_env: GwEnv, upstream: UpstreamServer
+) -> Iterator[WsGateway]:
+    """The live gateway (HTTP + WebSockets); every module points at ``upstream``."""
+    from gateway import services
+
+    point_modules_at(gw_env, upstream)
+    services.reset()  # every test starts with closed breakers and an empty cache
+    yield _ws_gateway
+
+
+@pytest.fixture
+def staff(transactional_db: None) -> Any:
+    from django.contrib.auth.models import User
+
+    return User.objects.create_superuser(STAFF_USER, "ops@example.com", STAFF_PASSWORD)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        message = f"chromium not found at {CHROMIUM} (Debian: apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    tab = context.new_page()
+    yield tab
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        ARTIFACTS.mkdir(exist_ok=True)
+        tab.screenshot(path=str(ARTIFACTS / f"FAILED-{request.node.name}.png"), full_page=True)
+    context.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    report = yield
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report
+
+
+def screenshot(page: Any, name: str, *, publish: bool = True) -> Path:
+    """Save a PNG to test-artifacts/ and, for the documented views, to docs/screenshots/."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    if publish:
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DOCS_SCREENSHOTS / f"{name}.png")
+    return path
+
+
+def log_in(page: Any, base_url: str, next_path: str = "/admin/") -> None:
+    """Log in through the admin's own form, as a person would."""
+    page.goto(f"{base_url}/admin/login/?next={next_path}")
+    page.fill("#id_username", STAFF_USER)
+    page.fill("#id_password", STAFF_PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{base_url}{next_path}")
