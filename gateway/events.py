@@ -36,8 +36,13 @@ def record_transition(event: dict[str, Any]) -> None:
     from gateway.models import BreakerState, BreakerTransition
 
     at = _epoch(event["at"]) or datetime.now(tz=UTC)
-    BreakerTransition.objects.create(module=event["module"], from_state=event["from"],
-                                     to_state=event["to"], reason=event["reason"][:60], at=at)
+    BreakerTransition.objects.create(
+        module=event["module"],
+        from_state=event["from"],
+        to_state=event["to"],
+        reason=event["reason"][:60],
+        at=at,
+    )
     defaults: dict[str, Any] = {"state": event["to"]}
     if event["to"] == "open":
         defaults["opened_at"] = at
@@ -74,8 +79,10 @@ async def _drain(queue: asyncio.Queue[dict[str, Any]]) -> None:
                 await sync_to_async(record_transition, thread_sensitive=False)(event)
             await _publish(event)
         except Exception:
-            log.exception("could not record or publish a gateway event",
-                          extra={"event_type": event.get("type")})
+            log.exception(
+                "could not record or publish a gateway event",
+                extra={"event_type": event.get("type")},
+            )
         finally:
             queue.task_done()
 
@@ -126,6 +133,13 @@ def wait_idle(timeout: float = 5.0) -> bool:
 def breaker_transition(transition: Any) -> None:
     """The breaker's ``on_transition`` hook: metrics now, the rest in the background."""
     metrics.breaker_transition(transition.module, transition.to_state)
-    emit({"type": "breaker.transition", "module": transition.module,
-          "from": transition.from_state, "to": transition.to_state,
-          "reason": transition.reason, "at": transition.at})
+    emit(
+        {
+            "type": "breaker.transition",
+            "module": transition.module,
+            "from": transition.from_state,
+            "to": transition.to_state,
+            "reason": transition.reason,
+            "at": transition.at,
+        }
+    )

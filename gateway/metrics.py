@@ -22,35 +22,53 @@ from prometheus_client import multiprocess as _mp
 
 MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_SHUB_PATHS = frozenset({"/shub/health", "/shub/ready", "/shub/openapi.json",
-                         "/shub/cache/clear"})
+_SHUB_PATHS = frozenset({"/shub/health", "/shub/ready", "/shub/openapi.json", "/shub/cache/clear"})
 
-SHUB_REQUESTS = Counter("shub_proxy_requests", "Requests proxied to shub",
-                        ["status", "path", "method"])
-SHUB_LATENCY = Histogram("shub_proxy_latency_ms", "Latency of /shub answers (ms)",
-                         buckets=(1, 5, 10, 50, 100, 500))
-CACHE_HIT_RATE = Gauge("cache_hit_rate", "Health cache hits, percent of lookups",
-                       multiprocess_mode="livemostrecent")
+SHUB_REQUESTS = Counter(
+    "shub_proxy_requests", "Requests proxied to shub", ["status", "path", "method"]
+)
+SHUB_LATENCY = Histogram(
+    "shub_proxy_latency_ms", "Latency of /shub answers (ms)", buckets=(1, 5, 10, 50, 100, 500)
+)
+CACHE_HIT_RATE = Gauge(
+    "cache_hit_rate", "Health cache hits, percent of lookups", multiprocess_mode="livemostrecent"
+)
 CACHE_LOOKUPS = Counter("vx11_cache_lookups", "Health cache lookups", ["result"])
-RATE_LIMIT_REJECTIONS = Counter("rate_limit_rejections", "Requests refused by rate limits "
-                                "(or that would be, in shadow mode)", ["scope"])
+RATE_LIMIT_REJECTIONS = Counter(
+    "rate_limit_rejections",
+    "Requests refused by rate limits (or that would be, in shadow mode)",
+    ["scope"],
+)
 REQUESTS = Counter("vx11_requests", "Proxied requests", ["intent", "module", "status"])
-UPSTREAM_LATENCY = Histogram("vx11_upstream_latency_seconds", "Upstream answer time",
-                             ["module"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5,
-                                                  10, 30))
-BREAKER_STATE = Gauge("vx11_circuit_breaker_state", "0 closed, 1 half-open, 2 open",
-                      ["module"], multiprocess_mode="mostrecent")
-BREAKER_TRANSITIONS = Counter("vx11_circuit_breaker_transitions", "Breaker transitions",
-                              ["module", "to"])
+UPSTREAM_LATENCY = Histogram(
+    "vx11_upstream_latency_seconds",
+    "Upstream answer time",
+    ["module"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BREAKER_STATE = Gauge(
+    "vx11_circuit_breaker_state",
+    "0 closed, 1 half-open, 2 open",
+    ["module"],
+    multiprocess_mode="mostrecent",
+)
+BREAKER_TRANSITIONS = Counter(
+    "vx11_circuit_breaker_transitions", "Breaker transitions", ["module", "to"]
+)
 RETRIES = Counter("vx11_retries", "Retried upstream attempts", ["module"])
-BACKPRESSURE_REJECTIONS = Counter("vx11_backpressure_rejections",
-                                  "Requests shed or timed out waiting", ["priority"])
-INFLIGHT = Gauge("vx11_inflight_requests", "Upstream calls in flight",
-                 multiprocess_mode="livesum")
-CONTEXT7_ACTIVE = Gauge("vx11_context7_sessions_active", "Unexpired Context-7 sessions",
-                        multiprocess_mode="mostrecent")
-MODULE_UP = Gauge("vx11_module_up", "1 when the module's last health probe passed",
-                  ["module"], multiprocess_mode="mostrecent")
+BACKPRESSURE_REJECTIONS = Counter(
+    "vx11_backpressure_rejections", "Requests shed or timed out waiting", ["priority"]
+)
+INFLIGHT = Gauge("vx11_inflight_requests", "Upstream calls in flight", multiprocess_mode="livesum")
+CONTEXT7_ACTIVE = Gauge(
+    "vx11_context7_sessions_active", "Unexpired Context-7 sessions", multiprocess_mode="mostrecent"
+)
+MODULE_UP = Gauge(
+    "vx11_module_up",
+    "1 when the module's last health probe passed",
+    ["module"],
+    multiprocess_mode="mostrecent",
+)
 
 STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 

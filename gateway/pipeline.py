@@ -38,6 +38,18 @@ CACHED_PATHS = frozenset({"/shub/health", "/shub/ready"})
 CACHED_HEADERS = frozenset({b"content-type", b"content-encoding", b"cache-control", b"etag",
                             b"last-modified"})
 HEALTH_BODY_LIMIT = 1024 * 1024
+REPLAY_LIMIT = 1024 * 1024  # bytes of request body kept in memory to allow retries
+
+
+def replay_fits(call: Call) -> bool:
+    """Whether a retryable request's body may be buffered so a retry can resend it.
+
+    Only a declared ``Content-Length`` up to ``REPLAY_LIMIT``: a larger (or chunked,
+    unknown-size) body is streamed once, without retries, so memory stays bounded
+    whatever ``VX11_MAX_BODY_BYTES`` allows.
+    """
+    length = declared_length(call.scope)
+    return length is not None and length <= REPLAY_LIMIT
 
 
 def has_body(call: Call) -> bool:
@@ -65,8 +77,8 @@ async def handle(call: Call, receive: Receive, send: Send) -> None:
         await serve_context7(call, svc, receive, send)
         return
     body: Body = await read_small(call, receive) if has_body(call) else None
-    if body is not None and not isinstance(body, bytes) and retryable(call):
-        body = b"".join([chunk async for chunk in body])  # replayable (bounded by max body)
+    if body is not None and not isinstance(body, bytes) and retryable(call) and replay_fits(call):
+        body = b"".join([chunk async for chunk in body])  # replayable, at most REPLAY_LIMIT
     async with slot(call, svc):
         response = await forward(call, body, svc)
         await stream_response(call, response, send)
@@ -175,7 +187,7 @@ async def forward(call: Call, body: Body, svc: services.Services) -> UpstreamRes
                 error = exc
             call.upstream_seconds = time.monotonic() - started
             await breaker.record(module, status=None if response is None else response.status,
-                                 error=error is not None, probe_id=permit.probe_id)
+                                 error=error is not None, probe_id=permit.probe_id, permit=permit)
             if holding_retry:
                 budget.release_retry(module)
                 holding_retry = False

@@ -629,3 +629,30 @@ async def test_it_returns_to_redis_after_the_retry_interval(
     assert redis_has_state(own_redis)
     assert (await cb.status(M)).failure_count == 1  # answered by Redis' fresh state
     await client.aclose()
+
+
+async def test_a_success_on_a_clean_closed_breaker_skips_the_store(redis_url):
+    """Healthy traffic costs one store round trip (acquire), not two; failures still count."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    backend = RedisBreakerBackend(client)
+    calls = {"record": 0}
+    original = backend.record
+
+    async def counting(*args, **kwargs):
+        calls["record"] += 1
+        return await original(*args, **kwargs)
+
+    backend.record = counting  # type: ignore[method-assign]
+    breaker = CircuitBreaker(backend, lambda m: BreakerConfig())
+    permit = await breaker.acquire("madre")
+    assert permit.clean
+    await breaker.record("madre", status=200, error=False, permit=permit)
+    assert calls["record"] == 0
+    await breaker.record("madre", status=503, error=False, permit=permit)
+    assert calls["record"] == 1
+    permit = await breaker.acquire("madre")
+    assert not permit.clean  # one failure counted: the next success must reset it
+    await breaker.record("madre", status=200, error=False, permit=permit)
+    assert calls["record"] == 2
+    assert (await breaker.status("madre")).failure_count == 0
+    await client.aclose()
