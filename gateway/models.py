@@ -13,10 +13,10 @@ from gateway.validation import (
     METHODS,
     TIMEOUT_MAX,
     TIMEOUT_MIN,
-    as_validator,
-    validate_endpoint,
-    validate_intent,
-    validate_module_name,
+    endpoint_validator,
+    intent_validator,
+    module_name_validator,
+    module_url_validator,
     validate_module_url,
 )
 
@@ -28,16 +28,16 @@ class Module(models.Model):
     """A backend module. The row overrides the code default and the env URL."""
 
     name = models.CharField(
-        max_length=40, unique=True, validators=[as_validator(validate_module_name)]
+        max_length=40, unique=True, validators=[module_name_validator]
     )
     url = models.CharField(
         max_length=255,
         blank=True,
-        validators=[as_validator(validate_module_url)],
+        validators=[module_url_validator],
         help_text="http(s)://host[:port]. Empty: the env override or code default.",
     )
     health_path = models.CharField(
-        max_length=200, default="/health", validators=[as_validator(validate_endpoint)]
+        max_length=200, default="/health", validators=[endpoint_validator]
     )
     enabled = models.BooleanField(default=True)
     # Per-module breaker settings; empty = the VX11_CB_* default.
@@ -64,7 +64,10 @@ class Module(models.Model):
 
     def clean(self) -> None:
         if self.url:
-            self.url = validate_module_url(self.url)
+            try:
+                self.url = validate_module_url(self.url)  # normalised form
+            except ValidationError:
+                pass  # the field validator reports it
         if self.failure_rate_threshold is not None and not 0 < self.failure_rate_threshold <= 1:
             raise ValidationError({"failure_rate_threshold": "Must be between 0 and 1."})
         if (self.failure_rate_threshold is None) != (self.window_seconds is None):
@@ -75,13 +78,13 @@ class Route(models.Model):
     """A database override of the code route table (empty field = inherit the code value)."""
 
     intent = models.CharField(
-        max_length=40, unique=True, validators=[as_validator(validate_intent)]
+        max_length=40, unique=True, validators=[intent_validator]
     )
     module = models.CharField(
-        max_length=40, blank=True, validators=[as_validator(validate_module_name)]
+        max_length=40, blank=True, validators=[module_name_validator]
     )
     endpoint = models.CharField(
-        max_length=255, blank=True, validators=[as_validator(validate_endpoint)]
+        max_length=255, blank=True, validators=[endpoint_validator]
     )
     method = models.CharField(max_length=8, blank=True, choices=[(m, m) for m in METHODS])
     timeout = models.FloatField(null=True, blank=True, help_text="Seconds, 0.1–600.")

@@ -6,9 +6,6 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
-from collections.abc import Callable
-from typing import Any
-
 from django.core.exceptions import ValidationError
 
 MODULE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -92,11 +89,21 @@ def validate_intent(value: str) -> str:
     return value
 
 
-def as_validator(check: Callable[[Any], Any]) -> Callable[[Any], None]:
-    """A model-field validator from a normalising check (Django validators return None)."""
+# Model-field validators (Django validators return None; the functions above return the
+# normalised value for the API and env code).
 
-    def validator(value: Any) -> None:
-        check(value)
 
-    validator.__name__ = check.__name__
-    return validator
+def module_url_validator(value: str) -> None:
+    validate_module_url(value)
+
+
+def endpoint_validator(value: str) -> None:
+    validate_endpoint(value)
+
+
+def module_name_validator(value: str) -> None:
+    validate_module_name(value)
+
+
+def intent_validator(value: str) -> None:
+    validate_intent(value)
