@@ -15,6 +15,13 @@ if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
 fi
 
 case "${1:-}" in
+    uvicorn)
+        # Load the application once before uvicorn does: with --workers N, uvicorn's
+        # supervisor restarts a worker that refuses to start (no VX11_TOKEN in production)
+        # again and again instead of exiting. Here the container stops with the reason.
+        # (Without the metrics folder, so this short-lived process leaves no files there.)
+        env -u PROMETHEUS_MULTIPROC_DIR python -c "import vx11site.asgi"
+        ;;
     migrate)
         shift
         exec python manage.py migrate --noinput "$@"

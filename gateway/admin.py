@@ -21,7 +21,7 @@ def badge(text: str, tone: str) -> SafeString:
     colours = {"ok": "#1b7f3b", "warn": "#a86400", "bad": "#b3261e", "idle": "#5f6368"}
     return format_html(
         '<span style="background:{};color:#fff;padding:1px 7px;border-radius:9px;'
-        'font-size:11px;font-weight:600">{}</span>',
+        'font-size:11px;font-weight:600;white-space:nowrap">{}</span>',
         colours.get(tone, "#5f6368"),
         text,
     )
@@ -53,6 +53,19 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
         ),
         (None, {"fields": ["updated_at"]}),
     ]
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        """Live health and breaker badges beside the settings (read once per page)."""
+        from gateway.dashboard import live_badge_columns
+
+        return [
+            "name",
+            "effective_url",
+            "enabled",
+            *live_badge_columns(),
+            "health_path",
+            "breaker_settings",
+        ]
 
     @admin.display(description="URL in use")
     def effective_url(self, obj: Module) -> str:

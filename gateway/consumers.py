@@ -6,6 +6,10 @@ every event published on the channel layer group :data:`gateway.events.GROUP`:
 A client that reconnects resynchronises from the fresh snapshot; it may also ask
 for one at any time by sending ``{"type": "snapshot"}``.
 
+With the in-process channel layer (no Redis) events cannot cross processes, and the
+health worker runs in its own; so then each connection also reads the stored health
+results every couple of seconds and sends the changes as ``module.health``.
+
 Close codes: 4401 when no credential was offered, 4403 when the credential is wrong,
 not an admin, or a session cookie arrives from a foreign origin (a cookie is sent by
 the browser on any page's behalf, so a session is only trusted from our own pages).
@@ -13,6 +17,7 @@ the browser on any page's behalf, so a session is only trusted from our own page
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -21,6 +26,7 @@ from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import InMemoryChannelLayer
 from django.conf import settings
 from django.http.request import validate_host
 
@@ -91,6 +97,11 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     """Streams gateway events to one operator."""
 
     joined = False
+    #: Without a shared channel layer the health worker (its own process) cannot reach
+    #: this one's listeners, so the stored results are read this often instead.
+    health_poll_seconds = 2.0
+    _health_watch: asyncio.Task[None] | None = None
+    _health_seen: dict[str, dict[str, Any]]
 
     async def _authorise(self) -> int | None:
         """None when the caller may listen, else the close code."""
@@ -122,12 +133,39 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             return
         await self.channel_layer.group_add(events.GROUP, self.channel_name)
         self.joined = True
-        await self.send_json(await state_snapshot())
+        await self._send_snapshot()
+        if isinstance(self.channel_layer, InMemoryChannelLayer):
+            self._health_watch = asyncio.create_task(self._watch_health())
 
     async def disconnect(self, code: int) -> None:
+        if self._health_watch is not None:
+            self._health_watch.cancel()
+            self._health_watch = None
         if self.joined:
             await self.channel_layer.group_discard(events.GROUP, self.channel_name)
             self.joined = False
+
+    async def _send_snapshot(self) -> None:
+        snapshot = await state_snapshot()
+        self._health_seen = {
+            name: {key: module[key] for key in UNKNOWN_HEALTH}
+            for name, module in snapshot["modules"].items()
+        }
+        await self.send_json(snapshot)
+
+    async def _watch_health(self) -> None:
+        """Send ``module.health`` for every stored result that changed since last seen."""
+        while True:
+            await asyncio.sleep(self.health_poll_seconds)
+            try:
+                rows = await database_sync_to_async(health_rows)()
+            except Exception:
+                log.warning("could not read module health for the live stream", exc_info=True)
+                continue
+            for module, row in sorted(rows.items()):
+                if self._health_seen.get(module) != row:
+                    self._health_seen[module] = row
+                    await self.send_json({"type": "module.health", "module": module, **row})
 
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
@@ -143,13 +181,16 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if self.joined and isinstance(content, dict) and content.get("type") == "snapshot":
-            await self.send_json(await state_snapshot())
+            await self._send_snapshot()
 
     async def gateway_event(self, message: dict[str, Any]) -> None:
         """A group message ``{"type": "gateway.event", "event": {...}}``: pass it on."""
         event = message.get("event")
         if not (isinstance(event, dict) and self.joined):
             return
+        if event.get("type") == "module.health" and isinstance(event.get("module"), str):
+            seen = {key: event.get(key, default) for key, default in UNKNOWN_HEALTH.items()}
+            self._health_seen[event["module"]] = seen  # the poll need not repeat it
         if event.get("type") == "breaker.transition" and isinstance(event.get("module"), str):
             # The transition says where the breaker went; add what it reads now (failure
             # count, retry_after), so a dashboard needs no second request.

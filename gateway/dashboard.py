@@ -83,6 +83,7 @@ def dashboard_view(site: AdminSite) -> Callable[[HttpRequest], HttpResponse]:
         context = {
             **site.each_context(request),
             "title": "Live dashboard",
+            "is_nav_sidebar_enabled": False,  # the cards need the width
             "cards": cards(state),
             "breaker_url": "/vx11/circuit-breaker/",
             "probe_url": reverse("admin:dashboard-probe", args=["__module__"]),
@@ -160,3 +161,41 @@ def install(site: AdminSite) -> None:
 
     site.get_urls = get_urls  # type: ignore[method-assign]
     site._vx11_dashboard = True  # type: ignore[attr-defined]
+
+
+def live_badge_columns() -> list[Callable[[Any], Any]]:
+    """Health and breaker badge columns for the module list, read once per page.
+
+    ``ModuleAdmin.get_list_display`` puts these in its list: the breaker is read
+    live (SPEC §6: an open breaker past its timeout reads half-open), the health
+    from the last stored probe.
+    """
+    from django.contrib import admin
+
+    from gateway.admin import badge
+    from gateway.api.breakers import breaker_statuses, health_rows
+
+    breakers = {name: {**s.as_dict(), "forced": s.forced} for name, s in breaker_statuses().items()}
+    health = health_rows()
+
+    @admin.display(description="Health")
+    def health_badge(obj: Any) -> Any:
+        row = health.get(obj.name)
+        if row is None:
+            return badge("unknown", "idle")
+        text = row["status"]
+        if row["status"] == "up" and row["latency_ms"] is not None:
+            text += f" · {row['latency_ms']:.0f} ms"
+        return badge(text, HEALTH_TONES.get(row["status"], "idle"))
+
+    @admin.display(description="Breaker state")
+    def breaker_badge(obj: Any) -> Any:
+        state = breakers.get(obj.name)
+        if state is None:
+            return badge("unknown", "idle")
+        text = breaker_label(state)
+        if state["failure_count"]:
+            text += f" · {state['failure_count']} failures"
+        return badge(text, BREAKER_TONES.get(state["state"], "idle"))
+
+    return [health_badge, breaker_badge]

@@ -368,8 +368,10 @@ class HealthChecker:
         self._table_at = -1e18
         self._leading = False
         self._lease_at = -1e18
+        self._states_loaded = False
 
     async def _load_states(self) -> None:
+        self._states_loaded = True
         if not self.persist:
             return
         try:
@@ -392,6 +394,8 @@ class HealthChecker:
 
     async def check(self, info: ModuleInfo) -> ProbeResult:
         """Probe one module now and apply the result (state, store, metrics, events)."""
+        if not self._states_loaded:
+            await self._load_states()
         result = await probe(self.client, info, self.timeout, self.wall)
         await self.apply(result)
         return result
@@ -423,8 +427,12 @@ class HealthChecker:
     def _announce(
         self, name: str, before: ModuleState, state: ModuleState, result: ProbeResult
     ) -> None:
-        extra = {"gw_module": name, "latency_ms": result.latency_ms, "error": result.error,
-                 "consecutive_failures": state.consecutive_failures}
+        extra = {
+            "gw_module": name,
+            "latency_ms": result.latency_ms,
+            "error": result.error,
+            "consecutive_failures": state.consecutive_failures,
+        }
         if state.status == UP:
             log.info("module up", extra={**extra, "was": before.status})
         elif state.consecutive_failures == self.schedule.down_after:
@@ -473,7 +481,8 @@ class HealthChecker:
 
     async def run_once(self) -> list[ProbeResult]:
         """Probe every enabled module once, without the lease (an operator's one-shot check)."""
-        await self._load_states()
+        if not self._states_loaded:
+            await self._load_states()  # before the probes run side by side
         modules = await self.enabled_modules()
         results = await asyncio.gather(*(self.check(info) for info in modules.values()))
         return sorted(results, key=lambda r: r.module)
@@ -520,7 +529,6 @@ def probe_now(info: ModuleInfo) -> tuple[ProbeResult, ModuleState]:
                 timeout=float(gw.health_timeout),
                 mark_healthy=breaker.mark_healthy,
             )
-            await checker._load_states()
             result = await checker.check(info)
             await events.flush()
             return result, checker.states[info.name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 from typing import Any
@@ -64,10 +65,8 @@ class Module(models.Model):
 
     def clean(self) -> None:
         if self.url:
-            try:
+            with contextlib.suppress(ValidationError):  # the field validator reports it
                 self.url = validate_module_url(self.url)  # normalised form
-            except ValidationError:
-                pass  # the field validator reports it
         if self.failure_rate_threshold is not None and not 0 < self.failure_rate_threshold <= 1:
             raise ValidationError({"failure_rate_threshold": "Must be between 0 and 1."})
         if (self.failure_rate_threshold is None) != (self.window_seconds is None):

@@ -75,7 +75,7 @@ def build_modules(rows: list[ModuleInfo]) -> dict[str, ModuleInfo]:
         base = table.get(row.name)
         url = row.url or (base.url if base else "")
         if not url:
-            log.error("module has no URL", extra={"module": row.name})
+            log.error("module has no URL", extra={"gw_module": row.name})
             continue
         table[row.name] = replace(
             row, url=url, source="database" if row.url else (base.source if base else "code")

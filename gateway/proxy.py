@@ -199,21 +199,30 @@ def declared_length(scope: Scope) -> int | None:
 
 
 def check_shub_path(raw_path: str) -> str:
-    """Refuse traversal and control characters, in plain or percent-encoded form."""
-    decoded = raw_path
-    for _ in range(3):  # catch double encoding (%252e) too
-        nxt = unquote(decoded)
-        if nxt == decoded:
+    """Refuse traversal, encoded separators and control characters, at every decoding level.
+
+    Each level matters: a module (or a framework in front of it) may decode once more,
+    so ``%252e%252e`` or ``%252f`` are as dangerous as ``..`` and ``%2f``. A path still
+    changing after four decodings is refused outright.
+    """
+    forms = [raw_path]
+    for _ in range(4):
+        nxt = unquote(forms[-1])
+        if nxt == forms[-1]:
             break
-        decoded = nxt
-    if _CONTROL.search(decoded) or ("%" in decoded and _CONTROL.search(unquote(decoded))):
-        raise InvalidRequest("The path contains control characters or backslashes.")
-    segments = decoded.split("/")
-    if ".." in segments or "." in segments or "//" in decoded:
-        raise InvalidRequest("The path must not contain '.' or '..' segments or empty segments.")
-    lowered = raw_path.lower()
-    if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
-        raise InvalidRequest("The path must not contain encoded slashes, backslashes or NUL.")
+        forms.append(nxt)
+    else:
+        raise InvalidRequest("The path is percent-encoded too many times.")
+    for form in forms:
+        if _CONTROL.search(form):
+            raise InvalidRequest("The path contains control characters or backslashes.")
+        if ".." in form.split("/") or "." in form.split("/") or "//" in form:
+            raise InvalidRequest(
+                "The path must not contain '.' or '..' segments or empty segments."
+            )
+        lowered = form.lower()
+        if "%2f" in lowered or "%5c" in lowered or "%00" in lowered:
+            raise InvalidRequest("The path must not contain encoded slashes, backslashes or NUL.")
     return raw_path
 
 
@@ -242,10 +251,11 @@ class ProxyApp:
         try:
             call = await self.build_call(scope, cid)
             await self.pipeline.handle(call, receive, guarded_send)
-        except GatewayError as exc:
+        except GatewayError as raised:
             if call is not None and call.client_gone:
                 log.info("client disconnected before sending its whole request")
                 return
+            exc = raised
             if call is not None and call.body_error is not None:
                 exc = call.body_error
             if not sent["status"]:
@@ -341,7 +351,9 @@ class ProxyApp:
                     )
                 if not ok:
                     raise Forbidden("The gateway token is not valid.")
-                principal = auth.Principal("gateway", "gw:" + _gw_id(scope), "gateway", False)
+                principal = self._authenticate(scope, snapshot, required=False)
+                if not principal.authenticated:
+                    principal = auth.Principal("gateway", "gw:" + _gw_id(scope), "gateway", False)
             else:
                 principal = auth.AUTH_DISABLED
         module = snapshot.modules.get("shub")

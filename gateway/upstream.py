@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 
 from gateway.conf import gw
 from gateway.problems import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
@@ -115,7 +116,8 @@ async def send(
     try:
         response = await session().request(
             method,
-            url,
+            # encoded=True: the path and query go upstream byte for byte (no re-quoting).
+            yarl.URL(url, encoded=True),
             headers=headers,
             data=body,
             allow_redirects=False,

@@ -71,7 +71,12 @@ async def metrics_view(request: HttpRequest) -> HttpResponse:
         return problem_response(NotFound("Metrics are turned off (VX11_METRICS_ENABLED)."), cid)
     peer = str(request.META.get("REMOTE_ADDR") or "")
     ip, _ = client_ip(peer, request.headers.get("X-Forwarded-For"), list(gw.trusted_proxies))
-    if not ip_allowed(ip, list(gw.metrics_allowed_ips)):
+    try:
+        allowed = ip_allowed(ip, list(gw.metrics_allowed_ips))
+    except ValueError:  # a malformed CIDR: refuse everyone rather than expose the metrics
+        log.error("VX11_METRICS_ALLOWED_IPS holds an invalid network; /metrics is refused")
+        allowed = False
+    if not allowed:
         return problem_response(Forbidden("This address may not read the metrics."), cid)
     await refresh_gauges()
     return HttpResponse(metrics.exposition(), content_type=METRICS_CONTENT_TYPE)

@@ -332,7 +332,13 @@ class UpstreamServer:
         handler, read_body = self.handlers.get((request.method, request.path), (self.default, True))
         body = await request.read() if read_body else b""
         self.seen.append(
-            Seen(request.method, request.path, request.query_string, dict(request.headers), body)
+            Seen(
+                request.method,
+                request.path,
+                request.raw_path.partition("?")[2],
+                dict(request.headers),
+                body,
+            )
         )
         return await handler(request)
 

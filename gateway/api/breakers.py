@@ -93,7 +93,10 @@ async def management_breaker(modules: dict[str, ModuleInfo]) -> AsyncIterator[Ci
     )
     try:
         yield breaker
-        await events.flush()
+        try:
+            await events.flush()
+        except TimeoutError:
+            log.warning("breaker transition still queued after 5 s; it may be recorded late")
     finally:
         if client is not None:
             await client.aclose()
@@ -244,7 +247,9 @@ class BreakerDetailView(APIView):
         description='Body `{"action": "reset" | "force_open" | "force_closed" | "auto"}`. '
         "reset: closed with counters cleared; force_open: refuse every call; force_closed: "
         "admit every call and never trip; auto: lift the override.",
-        examples=[OpenApiExample("Open by hand", value={"action": "force_open"}, request_only=True)],
+        examples=[
+            OpenApiExample("Open by hand", value={"action": "force_open"}, request_only=True)
+        ],
     )
     def post(self, request: Request, module: str) -> Response:
         table = _known(module)

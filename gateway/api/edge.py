@@ -9,6 +9,7 @@ on a loop of their own. Errors are the same problem+json answers as everywhere.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -79,8 +80,11 @@ async def _client_principal(request: HttpRequest) -> auth.Principal:
     return principal
 
 
-def _gateway_principal(request: HttpRequest) -> auth.Principal:
-    """The caller of a protected /shub path: ``X-VX11-GW-Token`` (401 missing, 403 wrong)."""
+async def _gateway_principal(request: HttpRequest) -> auth.Principal:
+    """The caller of a protected /shub path: ``X-VX11-GW-Token`` (401 missing, 403 wrong).
+
+    As in the proxy, a valid client token sent beside it names the caller for rate limits.
+    """
     if not gw.auth_enabled:
         return auth.AUTH_DISABLED
     value = request.headers.get("X-VX11-GW-Token")
@@ -89,8 +93,12 @@ def _gateway_principal(request: HttpRequest) -> auth.Principal:
         raise AuthRequired("Send the gateway token in X-VX11-GW-Token.", realm="vx11-gateway")
     if not ok:
         raise Forbidden("The gateway token is not valid.")
-    import hashlib
-
+    token = auth.client_token(
+        request.headers.get("X-VX11-Token"), request.headers.get("Authorization")
+    )
+    client = auth.authenticate(token, await holder.current()) if token else None
+    if client is not None:
+        return client
     digest = hashlib.sha256((value or "").strip().encode()).hexdigest()[:16]
     return auth.Principal("gateway", "gw:" + digest, "gateway", False)
 
@@ -138,7 +146,7 @@ def clear_cache_sync(source: str) -> int:
 async def shub_cache_clear(request: HttpRequest) -> HttpResponse:
     """``POST /shub/cache/clear`` with ``X-VX11-GW-Token``."""
     try:
-        principal = _gateway_principal(request)
+        principal = await _gateway_principal(request)
         if request.method != "POST":
             raise MethodNotAllowed(["POST"])
         headers = await _charge(principal, _caller_ip(request), protected=True)
@@ -153,9 +161,7 @@ async def shub_cache_clear(request: HttpRequest) -> HttpResponse:
     return response
 
 
-async def _charge(
-    principal: auth.Principal, ip: str, *, protected: bool
-) -> list[tuple[str, str]]:
+async def _charge(principal: auth.Principal, ip: str, *, protected: bool) -> list[tuple[str, str]]:
     """Count one request against the caller's limits, as the proxy does for /shub."""
     if not gw.rate_limit_enabled:
         return []
@@ -196,6 +202,7 @@ def admin_clear_cache(request: HttpRequest) -> HttpResponse:
 # --------------------------------------------------------------------------- rate-limit status
 
 
+@csrf_exempt  # read-only; other methods answer 405, not Django's CSRF page
 async def rate_limit_status(request: HttpRequest) -> HttpResponse:
     """``GET /vx11/rate-limit/status``: the caller's usage per scope, consuming nothing."""
     try:

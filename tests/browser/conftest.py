@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MODULE_NAMES, OPERATOR_TOKEN, GwEnv
+from tests.conftest import MODULE_NAMES, OPERATOR_TOKEN, GwEnv, wait_until
 from tests.servers import UpstreamServer, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,9 +38,23 @@ STAFF_USER = "operator"
 STAFF_PASSWORD = "dashboard-pass-0123"
 TIMEOUT_MS = 10_000
 
-# Playwright's sync API keeps an event loop on this thread between calls; the ORM
-# calls these tests make in between are plain synchronous ones.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+@pytest.fixture(autouse=True)
+def _orm_beside_playwright() -> Iterator[None]:
+    """Playwright's sync API keeps an event loop on this thread between calls; the ORM
+    calls these tests make in between are plain synchronous ones (browser tests only).
+
+    Set by hand, not with ``monkeypatch``: ``gw_env`` undoes its monkeypatch before the
+    test database is flushed.
+    """
+    key = "DJANGO_ALLOW_ASYNC_UNSAFE"
+    previous = os.environ.get(key)
+    os.environ[key] = "true"
+    yield
+    if previous is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = previous
 
 
 class WsGateway:
@@ -62,7 +76,7 @@ class WsGateway:
             loop="asyncio",
             proxy_headers=False,
             http="h11",
-            ws="websockets",
+            ws="websockets-sansio",
             timeout_graceful_shutdown=1,
         )
         self.server = uvicorn.Server(config)
@@ -108,6 +122,7 @@ def site(
     point_modules_at(gw_env, upstream)
     services.reset()  # every test starts with closed breakers and an empty cache
     yield _ws_gateway
+    wait_for_no_listeners()
 
 
 @pytest.fixture
@@ -124,8 +139,9 @@ def browser() -> Iterator[Any]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as p:
         instance = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield instance
@@ -142,7 +158,20 @@ def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     if report is not None and report.failed:
         ARTIFACTS.mkdir(exist_ok=True)
         tab.screenshot(path=str(ARTIFACTS / f"FAILED-{request.node.name}.png"), full_page=True)
+    tab.goto("about:blank")
     context.close()
+    wait_for_no_listeners()
+
+
+def wait_for_no_listeners() -> None:
+    """Let the server finish closing this test's sockets while the test database is open."""
+    from channels.layers import get_channel_layer
+
+    from gateway.events import GROUP
+
+    groups = getattr(get_channel_layer(), "groups", None)
+    if groups is not None:
+        wait_until(lambda: not groups.get(GROUP), timeout=5)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -153,12 +182,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     return report
 
 
-def screenshot(page: Any, name: str, *, publish: bool = True) -> Path:
-    """Save a PNG to test-artifacts/ and, for the documented views, to docs/screenshots/."""
+def screenshot(page: Any, name: str, *, full_page: bool = True) -> Path:
+    """Save a PNG to test-artifacts/ (git-ignored).
+
+    With ``VX11_UPDATE_SCREENSHOTS=1`` it is copied to docs/screenshots/ too, so the
+    documented pictures change only when someone means to refresh them.
+    """
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path))
-    if publish:
+    page.screenshot(path=str(path), full_page=full_page)
+    if os.environ.get("VX11_UPDATE_SCREENSHOTS") == "1":
         DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, DOCS_SCREENSHOTS / f"{name}.png")
     return path

@@ -53,7 +53,7 @@ async def close_code(app: Any, headers: list[tuple[bytes, bytes]]) -> int | None
     message = await ws.receive_output(timeout=5)
     await ws.wait()
     assert message["type"] == "websocket.close", message
-    return message.get("code")
+    return int(message["code"])
 
 
 def staff_cookie(*, is_staff: bool = True, username: str = "ops") -> tuple[bytes, bytes]:
@@ -217,6 +217,27 @@ async def test_saving_and_deleting_a_route_is_announced(application: Any) -> Non
     await route.adelete()
     event = await ws.receive_json_from(timeout=5)
     assert (event["type"], event["action"]) == ("route.changed", "deleted")
+    await ws.disconnect()
+
+
+async def test_health_stored_by_another_process_reaches_in_process_listeners(
+    application: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.consumers import EventsConsumer
+    from gateway.models import ModuleHealth
+
+    monkeypatch.setattr(EventsConsumer, "health_poll_seconds", 0.05)
+    ws, _ = await open_socket(application, [(b"x-vx11-token", OPERATOR_TOKEN.encode())])
+    # Written straight to the table, as the health worker's process does: no event here.
+    await ModuleHealth.objects.acreate(module="operator", status="up", latency_ms=3.0)
+    event = await ws.receive_json_from(timeout=5)
+    assert (event["type"], event["module"], event["status"], event["latency_ms"]) == (
+        "module.health",
+        "operator",
+        "up",
+        3.0,
+    )
+    assert await ws.receive_nothing(timeout=0.3)  # sent once, not on every poll
     await ws.disconnect()
 
 

@@ -66,10 +66,10 @@ def test_module_url_overrides_in_order(monkeypatch):
 
 @pytest.mark.db_backend
 def test_module_row_validation(db):
-    module = Module(name="switch", url="http://x/y")
+    module = Module(name="newmod", url="http://x/y")
     with pytest.raises(ValidationError):
         module.full_clean()
-    Module(name="switch", url="http://x:9").full_clean()
+    Module(name="newmod", url="http://x:9").full_clean()
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,7 @@ def test_retries_stay_inside_the_route_deadline(http, upstream):
 
 def test_upstream_retry_after_is_honoured(http, upstream):
     Route.objects.create(intent="task", method="GET", timeout=5)
-    state = {"times": []}
+    state: dict[str, list[float]] = {"times": []}
 
     async def handler(request: web.Request) -> web.Response:
         state["times"].append(time.monotonic())

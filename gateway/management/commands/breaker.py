@@ -52,9 +52,7 @@ class Command(BaseCommand):
             raise CommandError(f"breaker {action} needs a MODULE")
         table = module_table()
         if module is not None and module not in table:
-            raise CommandError(
-                f"unknown module {module!r}; known: {', '.join(sorted(table))}"
-            )
+            raise CommandError(f"unknown module {module!r}; known: {', '.join(sorted(table))}")
         if action == "status":
             names = [module] if module else sorted(table)
             statuses = breaker_statuses(table, names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from typing import Any
 
@@ -58,6 +59,9 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.getEffectiveLevel() < logging.WARNING:
+            httpx_log.setLevel(logging.WARNING)  # one line per probe is noise; ours say more
         if options["once"]:
             results = asyncio.run(self._once())
             self._table(results)

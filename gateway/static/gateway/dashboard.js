@@ -53,6 +53,11 @@
     return new Date(epoch * 1000).toISOString().substring(11, 19) + " UTC";
   }
 
+  function entries(count) {
+    count = count || 0;
+    return count + (count === 1 ? " entry" : " entries");
+  }
+
   function feedback(el, text, tone) {
     el.textContent = text;
     el.setAttribute("data-tone", tone || "");
@@ -150,7 +155,7 @@
         feedback(globalFeedback, "Route “" + message.intent + "” " + (message.action || "changed") + " at " + clock(message.time) + ".", "ok");
         break;
       case "cache.cleared":
-        feedback(globalFeedback, "Response cache cleared (" + (message.keys_deleted || 0) + " entries) at " + clock(message.time) + ".", "ok");
+        feedback(globalFeedback, "Cache cleared: " + entries(message.keys_deleted) + " removed at " + clock(message.time) + ".", "ok");
         break;
       default:
         break; // events this page does not show
@@ -288,7 +293,7 @@
     button.disabled = true;
     feedback(globalFeedback, "Clearing…", "");
     post(root.getAttribute("data-clear-cache-url")).then(function (data) {
-      feedback(globalFeedback, "Cache cleared: " + data.keys_deleted + " entries removed.", "ok");
+      feedback(globalFeedback, "Cache cleared: " + entries(data.keys_deleted) + " removed.", "ok");
     }).catch(function (err) {
       feedback(globalFeedback, "Failed to clear the cache: " + err.message, "bad");
     }).then(function () {
