@@ -71,6 +71,8 @@ KNOBS: tuple[Knob, ...] = (
         "VX11_CONTEXT7_MAX_AGE_SECONDS", "int", 86400, "Absolute session lifetime cap.", minimum=1
     ),
     Knob("VX11_CONTEXT7_MAX_MESSAGES", "int", 50, "Messages kept per session.", minimum=1),
+    Knob("VX11_CONTEXT7_PURGE_INTERVAL", "float", 300.0, "How often the health-check worker "
+         "deletes expired sessions (s); 0 turns it off.", minimum=0),
     # --- circuit breaker ------------------------------------------------
     Knob("VX11_CB_ENABLED", "bool", True, "Per-module circuit breakers."),
     Knob(

@@ -96,6 +96,29 @@ class Command(BaseCommand):
         style = self.style.SUCCESS if up == len(rows) else self.style.WARNING
         self.stdout.write(style(summary))
 
+    async def _purge_context7(self, stop: asyncio.Event) -> None:
+        """Delete expired Context-7 sessions every VX11_CONTEXT7_PURGE_INTERVAL seconds."""
+        from asgiref.sync import sync_to_async
+
+        from sessions_ctx7.services import clear_expired
+
+        interval = float(gw.context7_purge_interval)
+        if interval <= 0:
+            return
+        log = logging.getLogger("gateway.health")
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            if stop.is_set():
+                return
+            try:
+                removed = await sync_to_async(clear_expired, thread_sensitive=False)()
+            except Exception:
+                log.exception("could not purge expired Context-7 sessions")
+            else:
+                if removed:
+                    log.info("purged expired Context-7 sessions", extra={"removed": removed})
+
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -129,7 +152,13 @@ class Command(BaseCommand):
                     timeout=float(gw.health_timeout),
                     renew_every=renew_every,
                 )
-                await checker.run(stop)
+                purge = asyncio.create_task(self._purge_context7(stop), name="vx11-purge")
+                try:
+                    await checker.run(stop)
+                finally:
+                    purge.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await purge
             with contextlib.suppress(Exception):
                 await events.flush(0.5)
         finally:
