@@ -32,8 +32,9 @@ def cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def drive(call: Callable[[], Awaitable[None]], requests: int, concurrency: int
-                ) -> tuple[float, float]:
+async def drive(
+    call: Callable[[], Awaitable[None]], requests: int, concurrency: int
+) -> tuple[float, float]:
     for _ in range(200):  # warm-up: pool, parsers
         await call()
     queue = iter(range(requests))
@@ -49,6 +50,7 @@ async def drive(call: Callable[[], Awaitable[None]], requests: int, concurrency:
 
 async def main(requests: int, concurrency: int, url: str) -> None:
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
+
         async def httpx_call() -> None:
             r = await client.post(url, content=BODY, headers={"Content-Type": "application/json"})
             await r.aread()
@@ -56,9 +58,11 @@ async def main(requests: int, concurrency: int, url: str) -> None:
         hx = await drive(httpx_call, requests, concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+
         async def aiohttp_call() -> None:
-            async with session.post(url, data=BODY,
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                url, data=BODY, headers={"Content-Type": "application/json"}
+            ) as r:
                 await r.read()
 
         ah = await drive(aiohttp_call, requests, concurrency)

@@ -108,8 +108,13 @@ def main() -> int:
         default="task",
         help="task (no Context-7) or chat (Context-7 session on every call)",
     )
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="Extra gateway setting, e.g. --env VX11_RATE_LIMIT_ENABLED=false")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Extra gateway setting, e.g. --env VX11_RATE_LIMIT_ENABLED=false",
+    )
     parser.add_argument(
         "--redis", action="store_true", help="Run the gateway with shared state in a real Redis"
     )

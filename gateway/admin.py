@@ -33,8 +33,13 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
     list_filter = ["enabled"]
     search_fields = ["name", "url"]
     readonly_fields = ["updated_at", "defaults_note"]
-    actions = ["breaker_reset", "breaker_force_open", "breaker_force_closed", "breaker_auto",
-               "probe_now"]
+    actions = [
+        "breaker_reset",
+        "breaker_force_open",
+        "breaker_force_closed",
+        "breaker_auto",
+        "probe_now",
+    ]
     fieldsets = [
         (None, {"fields": ["name", "url", "defaults_note", "health_path", "enabled"]}),
         (
@@ -96,8 +101,11 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
 
         table = module_table()
         try:
-            done = [f"{m.name} → {force_breaker(m.name, action, table).state}"
-                    for m in queryset if m.name in table]
+            done = [
+                f"{m.name} → {force_breaker(m.name, action, table).state}"
+                for m in queryset
+                if m.name in table
+            ]
         except Exception as exc:
             self.message_user(request, f"Breaker {action} failed: {exc!r}", messages.ERROR)
             return
@@ -130,12 +138,16 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
                 continue
             result, state = probe_now(table[m.name])
             if result.ok:
-                self.message_user(request, f"{m.name}: up ({result.latency_ms:g} ms).",
-                                  messages.SUCCESS)
+                self.message_user(
+                    request, f"{m.name}: up ({result.latency_ms:g} ms).", messages.SUCCESS
+                )
             else:
-                self.message_user(request, f"{m.name}: down — {result.error} "
-                                  f"({state.consecutive_failures} failure(s) in a row).",
-                                  messages.WARNING)
+                self.message_user(
+                    request,
+                    f"{m.name}: down — {result.error} "
+                    f"({state.consecutive_failures} failure(s) in a row).",
+                    messages.WARNING,
+                )
 
 
 @admin.register(Route)

@@ -71,8 +71,13 @@ KNOBS: tuple[Knob, ...] = (
         "VX11_CONTEXT7_MAX_AGE_SECONDS", "int", 86400, "Absolute session lifetime cap.", minimum=1
     ),
     Knob("VX11_CONTEXT7_MAX_MESSAGES", "int", 50, "Messages kept per session.", minimum=1),
-    Knob("VX11_CONTEXT7_PURGE_INTERVAL", "float", 300.0, "How often the health-check worker "
-         "deletes expired sessions (s); 0 turns it off.", minimum=0),
+    Knob(
+        "VX11_CONTEXT7_PURGE_INTERVAL",
+        "float",
+        300.0,
+        "How often the health-check worker deletes expired sessions (s); 0 turns it off.",
+        minimum=0,
+    ),
     # --- circuit breaker ------------------------------------------------
     Knob("VX11_CB_ENABLED", "bool", True, "Per-module circuit breakers."),
     Knob(
@@ -158,8 +163,14 @@ KNOBS: tuple[Knob, ...] = (
     Knob("VX11_METRICS_ALLOWED_IPS", "list", [], "CIDRs allowed to scrape /metrics (empty: all)."),
     # --- storage / process --------------------------------------------------
     Knob("VX11_REDIS_URL", "str", "", "Redis for shared state, cache and channel layer."),
-    Knob("VX11_WORKERS", "int", 1, "Worker processes behind this configuration (checks warn "
-         "when several share in-process state).", minimum=1),
+    Knob(
+        "VX11_WORKERS",
+        "int",
+        1,
+        "Worker processes behind this configuration (checks warn "
+        "when several share in-process state).",
+        minimum=1,
+    ),
     Knob("VX11_PORT", "int", 8000, "Port of the development run (`./run dev`).", minimum=1),
     Knob("VX11_ACCESS_LOG", "bool", False, "One JSON log line per proxied request."),
 )

@@ -28,9 +28,7 @@ BREAKER_STATES = [("closed", "closed"), ("open", "open"), ("half_open", "half-op
 class Module(models.Model):
     """A backend module. The row overrides the code default and the env URL."""
 
-    name = models.CharField(
-        max_length=40, unique=True, validators=[module_name_validator]
-    )
+    name = models.CharField(max_length=40, unique=True, validators=[module_name_validator])
     url = models.CharField(
         max_length=255,
         blank=True,
@@ -76,15 +74,9 @@ class Module(models.Model):
 class Route(models.Model):
     """A database override of the code route table (empty field = inherit the code value)."""
 
-    intent = models.CharField(
-        max_length=40, unique=True, validators=[intent_validator]
-    )
-    module = models.CharField(
-        max_length=40, blank=True, validators=[module_name_validator]
-    )
-    endpoint = models.CharField(
-        max_length=255, blank=True, validators=[endpoint_validator]
-    )
+    intent = models.CharField(max_length=40, unique=True, validators=[intent_validator])
+    module = models.CharField(max_length=40, blank=True, validators=[module_name_validator])
+    endpoint = models.CharField(max_length=255, blank=True, validators=[endpoint_validator])
     method = models.CharField(max_length=8, blank=True, choices=[(m, m) for m in METHODS])
     timeout = models.FloatField(null=True, blank=True, help_text="Seconds, 0.1–600.")
     description = models.CharField(max_length=255, blank=True)

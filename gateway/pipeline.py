@@ -35,8 +35,9 @@ from gateway.proxy import Call, declared_length, read_all, read_small, response_
 from gateway.upstream import Body, UpstreamResponse
 
 CACHED_PATHS = frozenset({"/shub/health", "/shub/ready"})
-CACHED_HEADERS = frozenset({b"content-type", b"content-encoding", b"cache-control", b"etag",
-                            b"last-modified"})
+CACHED_HEADERS = frozenset(
+    {b"content-type", b"content-encoding", b"cache-control", b"etag", b"last-modified"}
+)
 HEALTH_BODY_LIMIT = 1024 * 1024
 REPLAY_LIMIT = 1024 * 1024  # bytes of request body kept in memory to allow retries
 
@@ -69,8 +70,12 @@ def _header(call: Call, name: bytes) -> str | None:
 async def handle(call: Call, receive: Receive, send: Send) -> None:
     svc = services.get()
     await rate_limit(call, svc)
-    if (call.kind == "shub" and call.method == "GET" and gw.cache_enabled
-            and call.upstream_path_key in CACHED_PATHS):
+    if (
+        call.kind == "shub"
+        and call.method == "GET"
+        and gw.cache_enabled
+        and call.upstream_path_key in CACHED_PATHS
+    ):
         await serve_cached(call, svc, send)
         return
     if call.route is not None and call.route.context7 and gw.context7_enabled:
@@ -92,14 +97,25 @@ def build_scopes(principal: Principal, client_ip: str, protected: bool) -> list[
     window = int(gw.rate_limit_window)
     scopes = []
     if principal.authenticated:
-        scopes.append(Scope("token", "token:" + principal.id,
-                            principal.rate_limit or int(gw.rate_limit_token), window))
+        scopes.append(
+            Scope(
+                "token",
+                "token:" + principal.id,
+                principal.rate_limit or int(gw.rate_limit_token),
+                window,
+            )
+        )
     scopes.append(Scope("ip", "ip:" + client_ip, int(gw.rate_limit_ip), window))
     if protected:
         who = principal.id if principal.authenticated else "ip:" + client_ip
-        scopes.append(Scope("protected", "protected:" + who,
-                            principal.protected_rate_limit or int(gw.rate_limit_protected),
-                            window))
+        scopes.append(
+            Scope(
+                "protected",
+                "protected:" + who,
+                principal.protected_rate_limit or int(gw.rate_limit_protected),
+                window,
+            )
+        )
     return scopes
 
 
@@ -116,7 +132,8 @@ async def rate_limit(call: Call, svc: services.Services) -> None:
         scope = decision.refused_by.name if decision.refused_by else "token"
         raise TooManyRequests(scope, decision.retry_after, headers)
     call.response_headers.extend(
-        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
+    )
 
 
 # --------------------------------------------------------------------------- backpressure
@@ -153,8 +170,11 @@ def retryable(call: Call) -> bool:
     if int(gw.retry_max) <= 0:
         return False
     allows_post = call.route.retry_post if call.route is not None else False
-    return may_retry_request(call.method, idempotency_key=_header(call, b"idempotency-key")
-                             is not None, route_allows_post_retry=allows_post)
+    return may_retry_request(
+        call.method,
+        idempotency_key=_header(call, b"idempotency-key") is not None,
+        route_allows_post_retry=allows_post,
+    )
 
 
 async def forward(call: Call, body: Body, svc: services.Services) -> UpstreamResponse:
@@ -181,23 +201,35 @@ async def forward(call: Call, body: Body, svc: services.Services) -> UpstreamRes
             error: GatewayError | None = None
             response: UpstreamResponse | None = None
             try:
-                response = await upstream.send(call.method, call.url, headers, body, remaining,
-                                               unavailable=call.unavailable)
+                response = await upstream.send(
+                    call.method, call.url, headers, body, remaining, unavailable=call.unavailable
+                )
             except (UpstreamUnavailable, UpstreamTimeout, BadGateway) as exc:
                 error = exc
             call.upstream_seconds = time.monotonic() - started
-            await breaker.record(module, status=None if response is None else response.status,
-                                 error=error is not None, probe_id=permit.probe_id, permit=permit)
+            await breaker.record(
+                module,
+                status=None if response is None else response.status,
+                error=error is not None,
+                probe_id=permit.probe_id,
+                permit=permit,
+            )
             if holding_retry:
                 budget.release_retry(module)
                 holding_retry = False
-            retry_worthy = (isinstance(error, UpstreamUnavailable)
-                            or (response is not None and response.status in RETRY_STATUSES))
+            retry_worthy = isinstance(error, UpstreamUnavailable) or (
+                response is not None and response.status in RETRY_STATUSES
+            )
             if not (can_retry and retry_worthy and call.attempts <= int(gw.retry_max)):
                 break
             now = time.monotonic()
-            delay = next_delay(call.attempts, response.header("Retry-After") if response
-                               else None, call.deadline, now, wall_now=time.time())
+            delay = next_delay(
+                call.attempts,
+                response.header("Retry-After") if response else None,
+                call.deadline,
+                now,
+                wall_now=time.time(),
+            )
             if delay is None or not budget.try_acquire_retry(module):
                 break
             holding_retry = True
@@ -217,8 +249,13 @@ async def forward(call: Call, body: Body, svc: services.Services) -> UpstreamRes
 async def stream_response(call: Call, response: UpstreamResponse, send: Send) -> None:
     finished = False
     try:
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": response_headers(call, response.headers)})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": response_headers(call, response.headers),
+            }
+        )
         async for chunk in response.iter_chunks():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -229,8 +266,9 @@ async def stream_response(call: Call, response: UpstreamResponse, send: Send) ->
             response.close()
 
 
-async def send_buffered(call: Call, send: Send, status: int,
-                        headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def send_buffered(
+    call: Call, send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
     out = [(k, v) for k, v in response_headers(call, headers) if k != b"content-length"]
     out.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": out})
@@ -243,8 +281,11 @@ async def send_buffered(call: Call, send: Send, status: int,
 async def serve_cached(call: Call, svc: services.Services, send: Send) -> None:
     """GET /shub/health and /shub/ready: 2xx answers shared for VX11_CACHE_TTL_HEALTH s."""
     ttl = float(gw.cache_ttl_health)
-    key = "shub:" + call.upstream_path_key + ("?" + call.query.decode("latin-1")
-                                               if call.query else "")
+    key = (
+        "shub:"
+        + call.upstream_path_key
+        + ("?" + call.query.decode("latin-1") if call.query else "")
+    )
 
     async def fetch() -> CachedResponse:
         async with slot(call, svc):
@@ -253,8 +294,11 @@ async def serve_cached(call: Call, svc: services.Services, send: Send) -> None:
                 body = await response.read(HEALTH_BODY_LIMIT)
             finally:
                 response.close()
-        headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers
-                        if k.lower() in CACHED_HEADERS)
+        headers = tuple(
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in response.headers
+            if k.lower() in CACHED_HEADERS
+        )
         return CachedResponse(response.status, headers, body, 0.0, ttl)
 
     value, outcome = await svc.cache.get_or_fetch(key, ttl, fetch)
@@ -267,10 +311,15 @@ async def serve_cached(call: Call, svc: services.Services, send: Send) -> None:
         status = "vx11-gateway; fwd=miss; detail=store-unavailable"
     else:
         stored = 200 <= value.status < 300
-        status = "vx11-gateway; fwd=miss" + ("; stored" if stored else "") + (
-            "; collapsed" if outcome == "collapsed" else "")
-    call.response_headers += [(b"cache-status", status.encode()),
-                              (b"x-cache", b"HIT" if hit else b"MISS")]
+        status = (
+            "vx11-gateway; fwd=miss"
+            + ("; stored" if stored else "")
+            + ("; collapsed" if outcome == "collapsed" else "")
+        )
+    call.response_headers += [
+        (b"cache-status", status.encode()),
+        (b"x-cache", b"HIT" if hit else b"MISS"),
+    ]
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in value.headers]
     await send_buffered(call, send, value.status, headers, value.body)
 
@@ -278,8 +327,7 @@ async def serve_cached(call: Call, svc: services.Services, send: Send) -> None:
 # --------------------------------------------------------------------------- Context-7
 
 
-async def serve_context7(call: Call, svc: services.Services, receive: Receive,
-                         send: Send) -> None:
+async def serve_context7(call: Call, svc: services.Services, receive: Receive, send: Send) -> None:
     """Chat-like routes: the session's context goes upstream, the reply is remembered."""
     from sessions_ctx7 import enrich
 

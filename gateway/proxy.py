@@ -79,8 +79,11 @@ class Call:
     @property
     def upstream_path_key(self) -> str:
         """The path as the client named it (the /shub cache key and metrics label)."""
-        return SHUB_PREFIX + self.upstream_path if self.kind == "shub" and \
-            gw.shub_strip_prefix else self.upstream_path
+        return (
+            SHUB_PREFIX + self.upstream_path
+            if self.kind == "shub" and gw.shub_strip_prefix
+            else self.upstream_path
+        )
 
     @property
     def url(self) -> str:
@@ -236,8 +239,9 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope["headers"]
-        cid = correlation.pick(_first(headers, b"x-correlation-id"),
-                               _first(headers, b"x-request-id"))
+        cid = correlation.pick(
+            _first(headers, b"x-correlation-id"), _first(headers, b"x-request-id")
+        )
         token = correlation.current.set(cid)
         started = time.monotonic()
         sent = {"status": 0}
@@ -458,14 +462,20 @@ def record(scope: Scope, call: Call | None, status: int, seconds: float) -> None
     else:
         intent = call.route.intent if call is not None and call.route is not None else "unknown"
         module = call.module.name if call is not None else "none"
-        metrics.request(intent, module, status,
-                        call.upstream_seconds if call is not None else None)
+        metrics.request(intent, module, status, call.upstream_seconds if call is not None else None)
     if gw.access_log or seconds > 1.0:
-        log.info("proxied request", extra={
-            "method": scope["method"], "path": path[:200], "status": status,
-            "seconds": round(seconds, 4), "attempts": call.attempts if call else 0,
-            "client_ip": call.client_ip if call else None,
-            "principal": call.principal.name if call else None})
+        log.info(
+            "proxied request",
+            extra={
+                "method": scope["method"],
+                "path": path[:200],
+                "status": status,
+                "seconds": round(seconds, 4),
+                "attempts": call.attempts if call else 0,
+                "client_ip": call.client_ip if call else None,
+                "principal": call.principal.name if call else None,
+            },
+        )
 
 
 def _gw_id(scope: Scope) -> str:

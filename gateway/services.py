@@ -71,9 +71,15 @@ def module_config(info: ModuleInfo | None) -> BreakerConfig:
         return cfg
     changes = {
         name: value
-        for name in ("failure_threshold", "recovery_timeout", "half_open_max_calls",
-                     "success_threshold", "failure_rate_threshold", "window_seconds",
-                     "min_calls")
+        for name in (
+            "failure_threshold",
+            "recovery_timeout",
+            "half_open_max_calls",
+            "success_threshold",
+            "failure_rate_threshold",
+            "window_seconds",
+            "min_calls",
+        )
         if (value := getattr(info, name)) is not None
     }
     if changes:
@@ -171,7 +177,8 @@ def build() -> Services:
     if store.shared():
         client = store.async_client()
         breaker_backend = FallbackBreakerBackend(
-            RedisBreakerBackend(client), memory_breaker_backend(), timeout=timeout)
+            RedisBreakerBackend(client), memory_breaker_backend(), timeout=timeout
+        )
         limiter_backend = RedisRateLimitBackend(client)
         cache_backend = RedisResponseCache(client)
     else:
@@ -179,14 +186,23 @@ def build() -> Services:
         limiter_backend = memory_rate_limit_backend()
         cache_backend = memory_response_cache()
     return Services(
-        breaker=CircuitBreaker(breaker_backend, breaker_config, clock=time.time,
-                               on_transition=events.breaker_transition,
-                               enabled=bool(gw.cb_enabled)),
-        limiter=RateLimiter(limiter_backend, fail_mode=gw.rate_limit_fail_mode,
-                            store_timeout=timeout, enforce=bool(gw.rate_limit_enforce)),
+        breaker=CircuitBreaker(
+            breaker_backend,
+            breaker_config,
+            clock=time.time,
+            on_transition=events.breaker_transition,
+            enabled=bool(gw.cb_enabled),
+        ),
+        limiter=RateLimiter(
+            limiter_backend,
+            fail_mode=gw.rate_limit_fail_mode,
+            store_timeout=timeout,
+            enforce=bool(gw.rate_limit_enforce),
+        ),
         backpressure=PriorityLimiter(int(gw.max_inflight), int(gw.queue_max)),
-        budget=RetryBudget(ratio=float(gw.retry_budget_ratio),
-                           min_retries=int(gw.retry_budget_min)),
+        budget=RetryBudget(
+            ratio=float(gw.retry_budget_ratio), min_retries=int(gw.retry_budget_min)
+        ),
         cache=SingleFlight(cache_backend, store_timeout=timeout),
         generation=gw.generation,
     )

@@ -52,9 +52,18 @@ def load_snapshot(version: int) -> Snapshot:
 
     rows = [
         ModuleInfo(
-            m.name, m.url, m.health_path, m.enabled, "database", m.failure_threshold,
-            m.recovery_timeout, m.half_open_max_calls, m.success_threshold,
-            m.failure_rate_threshold, m.window_seconds, m.min_calls,
+            m.name,
+            m.url,
+            m.health_path,
+            m.enabled,
+            "database",
+            m.failure_threshold,
+            m.recovery_timeout,
+            m.half_open_max_calls,
+            m.success_threshold,
+            m.failure_rate_threshold,
+            m.window_seconds,
+            m.min_calls,
         )
         for m in Module.objects.all()
     ]

@@ -14,6 +14,19 @@ from gateway.conf import gw
 log = logging.getLogger("gateway")
 
 
+def stop_supervisor() -> None:
+    """Under ``uvicorn --workers N`` the app is loaded in worker processes that uvicorn
+    restarts forever when they die; a refusal to start must stop the whole server, so
+    the worker asks its supervisor (the multiprocessing parent) to shut down."""
+    import multiprocessing
+    import os
+    import signal
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        os.kill(parent.pid, signal.SIGTERM)
+
+
 def check_production_auth() -> None:
     """Auth on, no token, DEBUG off: refuse to load (the server exits with the reason)."""
     if gw.auth_enabled and not gw.token and not settings.DEBUG:
@@ -23,6 +36,7 @@ def check_production_auth() -> None:
             "VX11_AUTH_ENABLED=false for development only."
         )
         print(message, file=sys.stderr, flush=True)
+        stop_supervisor()
         raise SystemExit(message)
     if not gw.auth_enabled:
         log.warning(

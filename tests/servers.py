@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from aiohttp import web
 
 
@@ -464,12 +465,22 @@ class GatewayProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        try:
-            wait_for_port(self.port, timeout=30)
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"gateway did not start:\n{self.output()[-3000:]}") from None
-        return self
+        # Ready means /health answers (with --workers the supervisor binds the port
+        # before any worker has loaded the app); a process that exits fails at once.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                self.proc = None
+                raise RuntimeError(f"gateway exited ({code}):\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"gateway did not start:\n{self.output()[-3000:]}")
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")

@@ -133,38 +133,88 @@ def add_proxy_paths(
 def _plain_views() -> dict[str, Any]:
     """Endpoints served by plain (async) Django views rather than DRF."""
 
-    def op(op_id: str, summary: str, tag: str, security: list[Any] | None = None,
-           responses: dict[str, Any] | None = None, example: Any = None) -> dict[str, Any]:
+    def op(
+        op_id: str,
+        summary: str,
+        tag: str,
+        security: list[Any] | None = None,
+        responses: dict[str, Any] | None = None,
+        example: Any = None,
+    ) -> dict[str, Any]:
         ok: dict[str, Any] = {"description": "OK"}
         if example is not None:
             ok["content"] = {"application/json": {"example": example}}
-        body: dict[str, Any] = {"operationId": op_id, "summary": summary, "tags": [tag],
-                                "responses": {"200": ok, **(responses or {})}}
+        body: dict[str, Any] = {
+            "operationId": op_id,
+            "summary": summary,
+            "tags": [tag],
+            "responses": {"200": ok, **(responses or {})},
+        }
         if security is not None:
             body["security"] = security
         return body
 
     return {
-        "/health": {"get": op("health", "Liveness (no auth)", "gateway", [],
-                              example={"status": "ok", "module": "vx11-gateway",
-                                       "version": "1.0.0"})},
-        "/ready": {"get": op("ready", "Readiness: database and cache reachable (no auth)",
-                             "gateway", [], {"503": {"description": "Not ready"}},
-                             example={"status": "ready",
-                                      "checks": {"database": "ok", "cache": "ok"}})},
-        "/metrics": {"get": op("metrics", "Prometheus metrics (VX11_METRICS_ALLOWED_IPS)",
-                               "gateway", [], {"403": _problem("Address not allowed")})},
-        "/vx11/rate-limit/status": {"get": op(
-            "rate_limit_status", "The caller's current usage per rate-limit scope", "gateway",
-            responses={"401": _problem("No credentials"), "403": _problem("Wrong credentials")},
-            example={"enabled": True, "enforced": True, "degraded": False, "scopes": [
-                {"scope": "token", "limit": 1000, "remaining": 998, "reset": 41,
-                 "window": 60}]})},
-        "/shub/cache/clear": {"post": op(
-            "shub_cache_clear", "Empty the health cache (X-VX11-GW-Token)", "proxy",
-            [{"GatewayToken": []}],
-            {"401": _problem("No gateway token"), "403": _problem("Wrong gateway token")},
-            example={"status": "cleared", "keys_deleted": 2, "timestamp": 1763780000.0})},
+        "/health": {
+            "get": op(
+                "health",
+                "Liveness (no auth)",
+                "gateway",
+                [],
+                example={"status": "ok", "module": "vx11-gateway", "version": "1.0.0"},
+            )
+        },
+        "/ready": {
+            "get": op(
+                "ready",
+                "Readiness: database and cache reachable (no auth)",
+                "gateway",
+                [],
+                {"503": {"description": "Not ready"}},
+                example={"status": "ready", "checks": {"database": "ok", "cache": "ok"}},
+            )
+        },
+        "/metrics": {
+            "get": op(
+                "metrics",
+                "Prometheus metrics (VX11_METRICS_ALLOWED_IPS)",
+                "gateway",
+                [],
+                {"403": _problem("Address not allowed")},
+            )
+        },
+        "/vx11/rate-limit/status": {
+            "get": op(
+                "rate_limit_status",
+                "The caller's current usage per rate-limit scope",
+                "gateway",
+                responses={"401": _problem("No credentials"), "403": _problem("Wrong credentials")},
+                example={
+                    "enabled": True,
+                    "enforced": True,
+                    "degraded": False,
+                    "scopes": [
+                        {
+                            "scope": "token",
+                            "limit": 1000,
+                            "remaining": 998,
+                            "reset": 41,
+                            "window": 60,
+                        }
+                    ],
+                },
+            )
+        },
+        "/shub/cache/clear": {
+            "post": op(
+                "shub_cache_clear",
+                "Empty the health cache (X-VX11-GW-Token)",
+                "proxy",
+                [{"GatewayToken": []}],
+                {"401": _problem("No gateway token"), "403": _problem("Wrong gateway token")},
+                example={"status": "cleared", "keys_deleted": 2, "timestamp": 1763780000.0},
+            )
+        },
     }
 
 

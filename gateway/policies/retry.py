@@ -124,8 +124,9 @@ class RetryBudget:
         self._retries: dict[str, deque[list[int]]] = {}
         self._inflight: dict[str, int] = {}
 
-    def _recent(self, module: str, now: float,
-                table: dict[str, deque[list[int]]] | None = None) -> deque[list[int]]:
+    def _recent(
+        self, module: str, now: float, table: dict[str, deque[list[int]]] | None = None
+    ) -> deque[list[int]]:
         table = self._requests if table is None else table
         buckets = table.get(module)
         if buckets is None:

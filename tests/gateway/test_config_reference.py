@@ -16,8 +16,11 @@ def test_configuration_reference_is_current():
 def test_every_vx11_variable_the_code_reads_is_documented():
     documented = {k.env for k in KNOBS} | {"VX11_VAR_DIR", "VX11_LOG_LEVEL", "VX11_SHUB_UPSTREAM"}
     found: set[str] = set()
-    for path in [*ROOT.glob("gateway/**/*.py"), *ROOT.glob("sessions_ctx7/**/*.py"),
-                 *ROOT.glob("vx11site/*.py")]:
+    for path in [
+        *ROOT.glob("gateway/**/*.py"),
+        *ROOT.glob("sessions_ctx7/**/*.py"),
+        *ROOT.glob("vx11site/*.py"),
+    ]:
         found |= set(re.findall(r"[\"'](VX11_[A-Z0-9_]+)[\"']", path.read_text()))
     found = {name for name in found if not name.startswith("VX11_MODULE_")}
     assert found - documented == set()

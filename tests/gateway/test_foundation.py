@@ -188,7 +188,30 @@ def test_admin_permission_errors_are_not_turned_into_500(http, django_user_model
     django_user_model.objects.create_user("clerk", password="pw-123456", is_staff=True)
     login = http.get("/admin/login/")
     token = login.text.split('name="csrfmiddlewaretoken" value="')[1].split('"')[0]
-    http.post("/admin/login/", data={"username": "clerk", "password": "pw-123456",
-                                     "csrfmiddlewaretoken": token, "next": "/admin/"})
+    http.post(
+        "/admin/login/",
+        data={
+            "username": "clerk",
+            "password": "pw-123456",
+            "csrfmiddlewaretoken": token,
+            "next": "/admin/",
+        },
+    )
     r = http.get("/admin/gateway/route/add/")
     assert r.status_code == 403
+
+
+def test_production_refusal_stops_a_multi_worker_server(tmp_path):
+    """uvicorn --workers 2 without VX11_TOKEN exits (it would restart workers forever)."""
+    from tests.servers import GatewayProcess
+
+    env = {
+        "DJANGO_DEBUG": "0",
+        "VX11_TOKEN": "",
+        "VX11_VAR_DIR": str(tmp_path),
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+    }
+    server = GatewayProcess(env, workers=2)
+    with pytest.raises(RuntimeError, match="exited"):
+        server.start()
+    assert "VX11_TOKEN" in server.output()

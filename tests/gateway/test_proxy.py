@@ -330,6 +330,7 @@ def test_unexpected_error_is_a_500_problem_with_correlation_id(http, operator_he
 
 
 def test_query_string_reaches_upstream_byte_for_byte(http, upstream, operator_headers):
-    http.post("/vx11/route/task?path=a%2Fb&dot=%2e&sp=x+y&u=%C3%A9", json={},
-              headers=operator_headers)
+    http.post(
+        "/vx11/route/task?path=a%2Fb&dot=%2e&sp=x+y&u=%C3%A9", json={}, headers=operator_headers
+    )
     assert upstream.seen[-1].query == "path=a%2Fb&dot=%2e&sp=x+y&u=%C3%A9"

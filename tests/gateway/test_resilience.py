@@ -41,8 +41,7 @@ def test_breaker_does_not_trip_on_4xx(http, upstream):
 
 def test_connect_failures_trip_the_breaker(http, gw_env):
     gw_env.set(VX11_MODULE_SWITCH_URL=f"http://127.0.0.1:{free_port()}")
-    codes = [http.post("/vx11/route/task", json={}, headers=H).json()["error"]
-             for _ in range(4)]
+    codes = [http.post("/vx11/route/task", json={}, headers=H).json()["error"] for _ in range(4)]
     assert codes == ["upstream_unavailable"] * 3 + ["circuit_open"]
 
 
@@ -149,8 +148,9 @@ async def test_retry_budget_stops_a_retry_storm(gateway, upstream, gw_env):
     await sync_to_async(Route.objects.create)(intent="task", method="GET", timeout=10)
     upstream.respond("GET", "/switch/task", status=503)
     async with httpx.AsyncClient(base_url=gateway.url, timeout=20) as client:
-        answers = await asyncio.gather(*(client.post("/vx11/route/task", headers=H)
-                                         for _ in range(40)))
+        answers = await asyncio.gather(
+            *(client.post("/vx11/route/task", headers=H) for _ in range(40))
+        )
     assert all(a.status_code == 503 for a in answers)
     assert 40 < len(upstream.seen) <= 40 * 1.2 + 3
 
@@ -160,8 +160,12 @@ async def test_retry_budget_stops_a_retry_storm(gateway, upstream, gw_env):
 
 async def test_load_is_shed_by_priority(gateway, upstream, gw_env):
     """One slot, two queue places, a slow upstream: who is shed and who is served."""
-    gw_env.set(VX11_MAX_INFLIGHT="1", VX11_QUEUE_MAX="2", VX11_RATE_LIMIT_ENABLED="false",
-               VX11_CB_ENABLED="false")
+    gw_env.set(
+        VX11_MAX_INFLIGHT="1",
+        VX11_QUEUE_MAX="2",
+        VX11_RATE_LIMIT_ENABLED="false",
+        VX11_CB_ENABLED="false",
+    )
     order: list[str] = []
 
     def slow(name: str):
@@ -169,6 +173,7 @@ async def test_load_is_shed_by_priority(gateway, upstream, gw_env):
             order.append(name)
             await asyncio.sleep(0.4)
             return web.json_response({"ok": True})
+
         return handler
 
     upstream.route("POST", "/switch/task", slow("other"))
@@ -176,6 +181,7 @@ async def test_load_is_shed_by_priority(gateway, upstream, gw_env):
     upstream.route("GET", "/health", slow("health"))
     gw_h = {**H, "X-VX11-GW-Token": "unused"}
     async with httpx.AsyncClient(base_url=gateway.url, timeout=20) as client:
+
         async def call(path: str, delay: float) -> tuple[str, int, str]:
             await asyncio.sleep(delay)
             if path == "/shub/health":
@@ -185,12 +191,12 @@ async def test_load_is_shed_by_priority(gateway, upstream, gw_env):
             return path, r.status_code, r.json().get("error", "") if r.status_code >= 400 else ""
 
         results = await asyncio.gather(
-            call("/vx11/route/task", 0.0),      # takes the slot
-            call("/vx11/route/task", 0.1),      # queued (other #1)
-            call("/vx11/route/task", 0.15),     # queued (other #2): queue full
+            call("/vx11/route/task", 0.0),  # takes the slot
+            call("/vx11/route/task", 0.1),  # queued (other #1)
+            call("/vx11/route/task", 0.15),  # queued (other #2): queue full
             call("/vx11/route/analysis", 0.2),  # sheds other #2
-            call("/shub/health", 0.25),         # sheds other #1
-            call("/vx11/route/task", 0.3),      # queue full of better work: shed itself
+            call("/shub/health", 0.25),  # sheds other #1
+            call("/vx11/route/task", 0.3),  # queue full of better work: shed itself
         )
     codes = [(path, code, err) for path, code, err in results]
     assert codes[0][1] == 200
@@ -207,12 +213,14 @@ async def test_a_waiter_past_its_deadline_leaves_with_504(gateway, upstream, gw_
     await sync_to_async(Route.objects.create)(intent="code", timeout=0.3)
     upstream.respond("POST", "/switch/task", delay=1.0)
     async with httpx.AsyncClient(base_url=gateway.url, timeout=20) as client:
+
         async def later():
             await asyncio.sleep(0.1)
             return await client.post("/vx11/route/code", json={"prompt": "x"}, headers=H)
 
         first, second = await asyncio.gather(
-            client.post("/vx11/route/task", json={}, headers=H), later())
+            client.post("/vx11/route/task", json={}, headers=H), later()
+        )
     assert first.status_code == 200
     assert second.status_code == 504 and second.json()["error"] == "upstream_timeout"
 
@@ -224,8 +232,9 @@ def test_overloaded_answer_has_retry_after(http, gw_env, knob, upstream):
 
     async def burst():
         async with httpx.AsyncClient(base_url=http.base_url, timeout=10) as client:
-            return await asyncio.gather(*(client.post("/vx11/route/task", json={}, headers=H)
-                                          for _ in range(3)))
+            return await asyncio.gather(
+                *(client.post("/vx11/route/task", json={}, headers=H) for _ in range(3))
+            )
 
     answers = asyncio.run(burst())
     shed = [a for a in answers if a.status_code == 503]

@@ -13,8 +13,13 @@ from sessions_ctx7.models import Session
 
 def _session(session_id: str, expires_in: timedelta) -> Session:
     now = datetime.now(tz=UTC)
-    return Session.objects.create(session_id=session_id, client="client:1", created_at=now,
-                                  last_activity=now, expires_at=now + expires_in)
+    return Session.objects.create(
+        session_id=session_id,
+        client="client:1",
+        created_at=now,
+        last_activity=now,
+        expires_at=now + expires_in,
+    )
 
 
 async def test_worker_purges_expired_sessions_periodically(transactional_db, gw_env):
@@ -25,8 +30,9 @@ async def test_worker_purges_expired_sessions_periodically(transactional_db, gw_
     task = asyncio.create_task(Command()._purge_context7(stop))
     for _ in range(100):
         await asyncio.sleep(0.02)
-        left = await sync_to_async(lambda: sorted(Session.objects.values_list(
-            "session_id", flat=True)))()
+        left = await sync_to_async(
+            lambda: sorted(Session.objects.values_list("session_id", flat=True))
+        )()
         if left == ["live"]:
             break
     stop.set()
