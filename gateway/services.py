@@ -13,6 +13,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from gateway import events, store
 from gateway.conf import gw
@@ -118,55 +119,38 @@ class Services:
 
 
 _by_loop: dict[int, Services] = {}
-_memory_breakers: dict[int, MemoryBreakerBackend] = {}
 _memory_lock = threading.Lock()
+#: In-memory state shared by every event loop of this process, per settings generation.
+_memory: dict[type[Any], tuple[int, Any]] = {}
+
+
+def _process_wide[T](kind: type[T]) -> T:
+    """One ``kind()`` per process and settings generation (a reload starts it afresh).
+
+    Services are per event loop, but in-memory state must not be: a reset or force
+    done by the management API (a sync view running its coroutine on a loop of its
+    own), a cache clear from the admin, or ``GET /vx11/rate-limit/status`` must act on
+    what the proxy's loop uses. Memory decisions never ``await`` and the backends lock
+    themselves where needed, so sharing one object across loops is safe.
+    """
+    with _memory_lock:
+        generation, value = _memory.get(kind, (-1, None))
+        if generation != gw.generation or value is None:
+            value = kind()
+            _memory[kind] = (gw.generation, value)
+        return cast(T, value)
 
 
 def memory_breaker_backend() -> MemoryBreakerBackend:
-    """This process's in-memory breaker state, one object for every event loop.
-
-    Services are per loop, but breaker state must not be: a reset or force done by
-    the management API (a sync view, which runs its coroutine on a loop of its own)
-    must be seen by the proxy's loop at once. Memory decisions never ``await``, and
-    ``dict`` steps are atomic under the GIL, so sharing the object across loops is
-    safe enough for rare operator actions. A settings reload starts it afresh.
-    """
-    with _memory_lock:
-        backend = _memory_breakers.get(gw.generation)
-        if backend is None:
-            _memory_breakers.clear()
-            backend = _memory_breakers[gw.generation] = MemoryBreakerBackend()
-        return backend
-
-
-_memory_caches: dict[int, MemoryResponseCache] = {}
-_memory_limiters: dict[int, MemoryRateLimitBackend] = {}
+    return _process_wide(MemoryBreakerBackend)
 
 
 def memory_response_cache() -> MemoryResponseCache:
-    """This process's in-memory health cache, one object for every loop and thread.
-
-    ``POST /shub/cache/clear``, the admin button and ``clear_gateway_cache`` may run
-    on another loop (or a sync thread) than the proxy: clearing must empty the cache
-    the proxy serves from. The cache locks itself (``threading.Lock``).
-    """
-    with _memory_lock:
-        cache = _memory_caches.get(gw.generation)
-        if cache is None:
-            _memory_caches.clear()
-            cache = _memory_caches[gw.generation] = MemoryResponseCache()
-        return cache
+    return _process_wide(MemoryResponseCache)
 
 
 def memory_rate_limit_backend() -> MemoryRateLimitBackend:
-    """This process's in-memory rate-limit log, shared by every loop (the limit is per
-    process when embedded, and ``GET /vx11/rate-limit/status`` must read the same log)."""
-    with _memory_lock:
-        backend = _memory_limiters.get(gw.generation)
-        if backend is None:
-            _memory_limiters.clear()
-            backend = _memory_limiters[gw.generation] = MemoryRateLimitBackend()
-        return backend
+    return _process_wide(MemoryRateLimitBackend)
 
 
 def build() -> Services:
@@ -220,6 +204,4 @@ def get() -> Services:
 def reset() -> None:
     _by_loop.clear()
     _config_cache.clear()
-    _memory_breakers.clear()
-    _memory_caches.clear()
-    _memory_limiters.clear()
+    _memory.clear()
