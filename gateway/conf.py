@@ -239,8 +239,8 @@ class GatewaySettings:
 gw = GatewaySettings()
 
 
-def reference_markdown() -> str:
-    """``docs/CONFIGURATION.md``, generated from ``KNOBS`` (a test keeps the file in step)."""
+def knob_table() -> str:
+    """The ``VX11_*`` table (README.md between its ``knobs`` markers, and CONFIGURATION.md)."""
 
     def show(knob: Knob) -> str:
         if knob.kind == "list":
@@ -248,6 +248,16 @@ def reference_markdown() -> str:
         if knob.kind == "bool":
             return "true" if knob.default else "false"
         return str(knob.default) if knob.default != "" else "(empty)"
+
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for knob in KNOBS:
+        secret = " Secret: `NAME_FILE` reads it from a file." if knob.secret else ""
+        lines.append(f"| `{knob.env}` | {show(knob)} | {knob.help}{secret} |")
+    return "\n".join(lines) + "\n"
+
+
+def reference_markdown() -> str:
+    """``docs/CONFIGURATION.md``, generated from ``KNOBS`` (a test keeps the file in step)."""
 
     lines = [
         "# Configuration reference",
@@ -273,14 +283,24 @@ def reference_markdown() -> str:
         "",
         "Gateway knobs (`VX11_*`), read lazily by `gateway.conf.gw`:",
         "",
-        "| variable | default | meaning |",
-        "|---|---|---|",
     ]
-    for knob in KNOBS:
-        secret = " Secret: `NAME_FILE` reads it from a file." if knob.secret else ""
-        lines.append(f"| `{knob.env}` | {show(knob)} | {knob.help}{secret} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + knob_table()
+
+
+def readme_with_knobs(readme: str) -> str:
+    """README.md with the knob table between its markers replaced by the current one."""
+    start, end = "<!-- knobs:start -->\n", "<!-- knobs:end -->"
+    head, _, rest = readme.partition(start)
+    _, _, tail = rest.partition(end)
+    return head + start + knob_table() + end + tail
 
 
 if __name__ == "__main__":
-    print(reference_markdown(), end="")
+    import sys
+    from pathlib import Path
+
+    if sys.argv[1:] == ["--readme"]:  # python -m gateway.conf --readme: refresh README.md
+        path = Path(__file__).resolve().parent.parent / "README.md"
+        path.write_text(readme_with_knobs(path.read_text()))
+    else:
+        print(reference_markdown(), end="")

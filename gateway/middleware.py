@@ -6,11 +6,16 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.core.exceptions import BadRequest, PermissionDenied, SuspiciousOperation
+from django.core.exceptions import (
+    BadRequest,
+    PermissionDenied,
+    RequestDataTooBig,
+    SuspiciousOperation,
+)
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 
 from gateway import correlation
-from gateway.problems import GatewayError, InternalError
+from gateway.problems import GatewayError, InternalError, PayloadTooLarge
 
 log = logging.getLogger("gateway")
 _DJANGO_HANDLED = (Http404, PermissionDenied, SuspiciousOperation, BadRequest)
@@ -69,6 +74,8 @@ class CorrelationMiddleware:
         cid = getattr(request, "correlation_id", correlation.current.get())
         if isinstance(exception, GatewayError):
             return problem_response(exception, cid)
+        if isinstance(exception, RequestDataTooBig):  # DATA_UPLOAD_MAX_MEMORY_SIZE
+            return problem_response(PayloadTooLarge("The request body is too large."), cid)
         if isinstance(exception, _DJANGO_HANDLED):
             return None  # Django answers these itself (404, 403, 400) through its handlers
         log.error("unexpected error", exc_info=exception, extra={"path": request.path})

@@ -84,9 +84,11 @@ async def handle(call: Call, receive: Receive, send: Send) -> None:
     body: Body = await read_small(call, receive) if has_body(call) else None
     if body is not None and not isinstance(body, bytes) and retryable(call) and replay_fits(call):
         body = b"".join([chunk async for chunk in body])  # replayable, at most REPLAY_LIMIT
+    if body is None or isinstance(body, bytes):
+        call.body_complete = True
     async with slot(call, svc):
         response = await forward(call, body, svc)
-        await stream_response(call, response, send)
+        await stream_response(call, response, send, receive)
 
 
 # --------------------------------------------------------------------------- rate limits
@@ -246,7 +248,55 @@ async def forward(call: Call, body: Body, svc: services.Services) -> UpstreamRes
     return response
 
 
-async def stream_response(call: Call, response: UpstreamResponse, send: Send) -> None:
+class ClientDisconnected(ConnectionResetError):
+    """The client hung up while its answer was being streamed."""
+
+
+class ClientWatch:
+    """Cancels the streaming task when the client hangs up.
+
+    uvicorn drops ``send`` calls for a gone client silently, so without this a streamed
+    answer would be read from the module to its end, holding the upstream connection
+    and a backpressure slot for up to the route's timeout. The client's departure
+    shows as ``http.disconnect`` on ``receive``, which may only be awaited once the
+    request body has been read.
+    """
+
+    __slots__ = ("done", "fired", "task", "watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self.task = asyncio.current_task()
+        self.done = False  # set before the last send: a finished answer reads as a disconnect
+        self.fired = False
+        self.watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.done and self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self.watcher.cancel()
+
+
+async def stream_response(
+    call: Call, response: UpstreamResponse, send: Send, receive: Receive | None = None
+) -> None:
+    # Only answers that may run long are watched (a task per request costs CPU): streaming
+    # routes and answers of unknown length (chunked, SSE). A sized answer is written out at
+    # once and uvicorn drops what a gone client no longer reads.
+    watch = (
+        ClientWatch(receive)
+        if receive is not None
+        and call.body_complete
+        and (
+            (call.route is not None and call.route.streaming)
+            or response.header("Content-Length") is None
+        )
+        else None
+    )
     finished = False
     try:
         await send(
@@ -258,12 +308,22 @@ async def stream_response(call: Call, response: UpstreamResponse, send: Send) ->
         )
         async for chunk in response.iter_chunks():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if watch is not None:
+            watch.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         finished = True
         response.release()
+    except asyncio.CancelledError:
+        if watch is None or not watch.fired or watch.task is None:
+            raise
+        watch.task.uncancel()
+        call.client_gone = True
+        raise ClientDisconnected("the client disconnected during the answer") from None
     finally:
+        if watch is not None:
+            watch.stop()
         if not finished:
-            response.close()
+            response.close()  # closes the module's connection: its request is cancelled
 
 
 async def send_buffered(

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 from gateway import auth, correlation, metrics
 from gateway.asgi_util import Message, Receive, Scope, Send, send_bytes
@@ -72,6 +72,7 @@ class Call:
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     attempts: int = 0
     body_error: GatewayError | None = None
+    body_complete: bool = False  # the whole request body has been received
     client_gone: bool = False
     upstream_seconds: float | None = None
     status: int = 0
@@ -152,6 +153,7 @@ async def read_body(call: Call, receive: Receive) -> AsyncIterator[bytes]:
         if chunk:
             yield chunk
         if not message.get("more_body", False):
+            call.body_complete = True
             return
 
 
@@ -217,6 +219,11 @@ def check_shub_path(raw_path: str) -> str:
     else:
         raise InvalidRequest("The path is percent-encoded too many times.")
     for form in forms:
+        try:  # what a module would decode: overlong or invalid UTF-8 is refused
+            if "%" in form:
+                unquote_to_bytes(form).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("The path is not valid UTF-8 once percent-decoded.") from None
         if _CONTROL.search(form):
             raise InvalidRequest("The path contains control characters or backslashes.")
         if ".." in form.split("/") or "." in form.split("/") or "//" in form:

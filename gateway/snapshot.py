@@ -110,9 +110,8 @@ class SnapshotHolder:
 
     async def _store_version(self) -> int | None:
         try:
-            raw = await asyncio.wait_for(
-                store.async_client().get(VERSION_KEY), gw.store_timeout * 4
-            )
+            # One store timeout at most: the request that checks waits for this.
+            raw = await asyncio.wait_for(store.async_client().get(VERSION_KEY), gw.store_timeout)
         except Exception:
             return None  # store unreachable: keep serving what we have
         return int(raw or 0)

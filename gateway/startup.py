@@ -45,6 +45,27 @@ def check_production_auth() -> None:
         )
 
 
+#: Request header names and values together, and header lines, at most. uvicorn's httptools
+#: parser sets no limit of its own: larger requests get a 400 problem and reach neither a
+#: module nor Django.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_COUNT = 100
+
+
+async def refuse_oversized_headers(send: Send) -> None:
+    from gateway import correlation
+    from gateway.asgi_util import send_bytes
+    from gateway.problems import InvalidRequest
+
+    cid = correlation.new_id()
+    error = InvalidRequest(
+        f"The request has more than {MAX_HEADER_COUNT} headers or {MAX_HEADER_BYTES} bytes of them."
+    )
+    status, headers, body = error.render(cid)
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    await send_bytes(send, status, [*raw, (b"x-correlation-id", cid.encode())], body)
+
+
 class HttpDispatcher:
     """Routes HTTP by path prefix: proxy paths to the lean handler, the rest to Django."""
 
@@ -53,6 +74,12 @@ class HttpDispatcher:
         self.django = django_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope.get("headers", ())
+        if len(headers) > MAX_HEADER_COUNT or (
+            sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES
+        ):
+            await refuse_oversized_headers(send)
+            return
         path: str = scope["path"]
         if path.startswith("/vx11/route/") or (
             (path == "/shub" or path.startswith("/shub/")) and path != "/shub/cache/clear"

@@ -10,15 +10,46 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from gateway.conf import gw
+from gateway.policies.deadline import answered, default_cap
 
 _async_clients: dict[int, aioredis.Redis] = {}
+#: Store commands in flight per event loop. Without a gate, a burst of N concurrent requests
+#: opens N new connections at once (TCP connect and handshake each), the request-path
+#: timeout (``VX11_STORE_TIMEOUT``, 50 ms) expires while they connect, and every process
+#: falls back to its own in-process state: a burst of 200 over two hosts admitted up to 157
+#: against a global limit of 100, and a half-open breaker let 6 probes through instead of 1
+#: (tests/reliability/test_multihost.py). The store is single-threaded: a few warm
+#: connections serve a burst in milliseconds. The gate is first come, first served
+#: (``asyncio.Semaphore``); redis-py's ``BlockingConnectionPool`` is not, and under
+#: sustained concurrency above its size some callers starved past every timeout.
+GATE_SIZE = 32
 _sync_client: redis.Redis | None = None
 _lock = threading.Lock()
+
+
+class _GatedRedis(aioredis.Redis):
+    """An asyncio client whose commands take turns through a fair gate (``GATE_SIZE``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Semaphore(GATE_SIZE)
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        async with self.gate:
+            try:
+                reply = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+            except ResponseError:
+                answered()  # an error reply is an answer too (NOSCRIPT before a script loads)
+                raise
+        answered()  # the store is alive: calls waiting behind this one are not charged
+        return reply
 
 
 def redis_url() -> str:
@@ -35,13 +66,17 @@ def async_client() -> aioredis.Redis:
     key = id(loop)
     client = _async_clients.get(key)
     if client is None:
-        timeout = max(float(gw.store_timeout), 0.05)
-        client = aioredis.Redis.from_url(
+        # Request-path calls are bounded by gateway.policies.deadline.store_call (the store
+        # timeout, not charged for our own loop's stalls); the socket timeouts are only a
+        # backstop and must not cut in first, so they match its wall-time cap.
+        backstop = default_cap(max(float(gw.store_timeout), 0.05))
+        client = _GatedRedis.from_url(
             redis_url(),
-            socket_timeout=timeout * 4,
-            socket_connect_timeout=timeout * 4,
+            socket_timeout=backstop,
+            socket_connect_timeout=backstop,
             health_check_interval=0,
-            max_connections=256,
+            max_connections=256,  # the gate keeps commands to GATE_SIZE; pipelines may add
+            driver_info=None,  # no CLIENT SETINFO round trips on each new connection
         )
         _async_clients[key] = client
     return client

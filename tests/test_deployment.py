@@ -82,6 +82,16 @@ def known_variables() -> tuple[set[str], set[str]]:
     names = {knob.env for knob in KNOBS}
     for path in code_files():
         names |= set(CODE_LITERAL_RE.findall(path.read_text()))
+    # Test-harness switches (VX11_SOAK_SECONDS, VX11_UPDATE_SCREENSHOTS, …) that the docs
+    # mention for people running the suite: read by the fixtures and the runner.
+    harness = [
+        *ROOT.glob("tests/**/conftest.py"),
+        ROOT / "tests" / "runner.py",
+        *ROOT.glob("tests/reliability/*.py"),
+        *ROOT.glob("tests/browser/*.py"),
+    ]
+    for path in harness:
+        names |= set(CODE_LITERAL_RE.findall(path.read_text()))
     # env_str (and env_list, built on it) read NAME_FILE when NAME is unset.
     file_capable = {knob.env for knob in KNOBS if knob.kind in ("str", "list")}
     settings_source = (ROOT / "vx11site" / "settings.py").read_text()

@@ -34,7 +34,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import random
@@ -47,6 +46,7 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from gateway.policies.clock import Clock
+from gateway.policies.deadline import store_call
 
 logger = logging.getLogger(__name__)
 
@@ -603,10 +603,15 @@ class FallbackBreakerBackend:
         self._retry_at = 0.0
 
     async def _call[T](self, op: Callable[[BreakerBackend], Awaitable[T]]) -> T:
-        if self.degraded and self.clock() < self._retry_at:
-            return await op(self.fallback)
+        if self.degraded:
+            if self.clock() < self._retry_at:
+                return await op(self.fallback)
+            # One caller probes Redis; the others keep to memory until it answers.
+            self._retry_at = self.clock() + self.retry_interval
         try:
-            result = await asyncio.wait_for(op(self.primary), self.timeout)
+            # Time our own loop spends stalled (a burst, a GC pause) is not charged to
+            # Redis: see gateway/policies/deadline.py.
+            result = await store_call(lambda: op(self.primary), self.timeout)
         except (TimeoutError, RedisError, OSError) as exc:
             if not self.degraded:
                 logger.warning("breaker store unavailable, using in-process state: %r", exc)

@@ -24,7 +24,6 @@ whose clock is skewed by ``s`` seconds shifts its own view of the window by ``s`
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
 import threading
@@ -37,6 +36,8 @@ from typing import Literal, Protocol, TypeVar
 
 import redis.asyncio
 from redis.exceptions import RedisError
+
+from gateway.policies.deadline import store_call
 
 Clock = Callable[[], float]
 FailMode = Literal["local", "open", "closed"]
@@ -323,10 +324,15 @@ class StoreGuard:
 
     async def call(self, factory: Callable[[], Awaitable[T]]) -> T:
         """Run one store call, or raise StoreUnavailable without touching the store."""
-        if self.degraded and self._monotonic() < self._retry_at:
-            raise StoreUnavailable("store in retry back-off")
+        if self.degraded:
+            now = self._monotonic()
+            if now < self._retry_at:
+                raise StoreUnavailable("store in retry back-off")
+            # One caller probes the store; the others keep to the fallback meanwhile
+            # (else every request arriving during the probe would wait a timeout too).
+            self._retry_at = now + self.retry_interval
         try:
-            result = await asyncio.wait_for(factory(), self.timeout)
+            result = await store_call(factory, self.timeout)  # loop stalls not charged
         except STORE_ERRORS as exc:
             self.degraded = True
             self._retry_at = self._monotonic() + self.retry_interval

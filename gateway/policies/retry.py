@@ -158,10 +158,12 @@ class RetryBudget:
         """Take a retry slot; pair every True with ``release_retry`` when the retry ends."""
         inflight = self._inflight.get(module, 0)
         limit = self.limit(module)
-        if inflight >= limit:
+        # Granted only if the budget still holds once this retry counts: 20 % of 99
+        # requests is 19 retries, not 20 (a fractional limit never rounds up).
+        if inflight + 1 > limit:
             return False
         started = sum(count for _, count in self._recent(module, self.clock(), self._retries))
-        if started >= limit:
+        if started + 1 > limit:
             return False
         self._inflight[module] = inflight + 1
         self._count(module, self._retries)
