@@ -13,7 +13,7 @@ from django.utils.safestring import SafeString
 
 from gateway.models import ApiClient, BreakerState, BreakerTransition, Module, ModuleHealth, Route
 from gateway.modules import CODE_MODULES, env_overrides
-from gateway.routes import CODE_ROUTES
+from gateway.routes import CODE_ROUTES, OVERRIDABLE
 
 
 def badge(text: str, tone: str) -> SafeString:
@@ -158,23 +158,7 @@ class RouteAdmin(admin.ModelAdmin[Route]):
     list_filter = ["enabled", "module"]
     search_fields = ["intent", "module", "endpoint"]
     readonly_fields = ["code_default", "updated_at"]
-    fields = [
-        "intent",
-        "code_default",
-        "module",
-        "endpoint",
-        "method",
-        "timeout",
-        "description",
-        "auth_required",
-        "priority",
-        "protected",
-        "streaming",
-        "context7",
-        "retry_post",
-        "enabled",
-        "updated_at",
-    ]
+    fields = ["intent", "code_default", *OVERRIDABLE, "enabled", "updated_at"]
     change_list_template = "admin/gateway/route/change_list.html"
 
     @admin.display(description="Kind")

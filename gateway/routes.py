@@ -120,7 +120,8 @@ CODE_ROUTES: dict[str, RouteConfig] = {
     )
 }
 
-_OVERRIDABLE = (
+#: The fields a database ``Route`` row may override (admin form and API use the same list).
+OVERRIDABLE = (
     "module",
     "endpoint",
     "method",
@@ -139,7 +140,7 @@ def overlay(row: Route) -> RouteConfig:
     """The effective route of one override row: its non-empty fields over the code route."""
     base = CODE_ROUTES.get(row.intent) or RouteConfig(module="", endpoint="", intent=row.intent)
     changes: dict[str, Any] = {}
-    for name in _OVERRIDABLE:
+    for name in OVERRIDABLE:
         value = getattr(row, name)
         if value is not None and value != "":
             changes[name] = value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Self
 
 import pytest
 
@@ -94,12 +95,12 @@ class LiveGateway:
     settings, so tests change ``VX11_*`` with the ``gw_env`` fixture.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ws: str = "none", port: int | None = None) -> None:
         import uvicorn
 
         from vx11site.asgi import application
 
-        self.port = free_port()
+        self.port = port or free_port()
         config = uvicorn.Config(
             application,
             host="127.0.0.1",
@@ -110,7 +111,7 @@ class LiveGateway:
             loop="asyncio",
             proxy_headers=False,
             http="h11",
-            ws="none",
+            ws=ws,
             timeout_graceful_shutdown=1,
         )
         self.server = uvicorn.Server(config)
@@ -120,7 +121,7 @@ class LiveGateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> LiveGateway:
+    def start(self) -> Self:
         self.thread.start()
         wait_for_port(self.port)
         return self

@@ -9,7 +9,7 @@ from rest_framework import serializers
 
 from gateway.models import PRIORITY_CHOICES, Route
 from gateway.modules import known_module_names
-from gateway.routes import CODE_ROUTES
+from gateway.routes import CODE_ROUTES, OVERRIDABLE
 from gateway.validation import (
     METHODS,
     TIMEOUT_MAX,
@@ -42,21 +42,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
 
     class Meta:
         model = Route
-        fields = [
-            "intent",
-            "module",
-            "endpoint",
-            "method",
-            "timeout",
-            "description",
-            "auth_required",
-            "priority",
-            "protected",
-            "streaming",
-            "context7",
-            "retry_post",
-            "enabled",
-        ]
+        fields = ["intent", *OVERRIDABLE, "enabled"]
 
     def validate_intent(self, value: str) -> str:
         value = _django(validate_intent, value)

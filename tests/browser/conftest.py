@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import MODULE_NAMES, OPERATOR_TOKEN, GwEnv, wait_until
-from tests.servers import UpstreamServer, free_port, wait_for_port
+from tests.conftest import MODULE_NAMES, OPERATOR_TOKEN, GwEnv, LiveGateway, wait_until
+from tests.servers import UpstreamServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -57,43 +56,11 @@ def _orm_beside_playwright() -> Iterator[None]:
         os.environ[key] = previous
 
 
-class WsGateway:
-    """The real ASGI application under uvicorn with WebSockets, on a thread."""
+class WsGateway(LiveGateway):
+    """The live gateway with WebSockets on (the dashboard needs ``/ws/events``)."""
 
     def __init__(self, port: int | None = None) -> None:
-        import uvicorn
-
-        from vx11site.asgi import application
-
-        self.port = port or free_port()
-        config = uvicorn.Config(
-            application,
-            host="127.0.0.1",
-            port=self.port,
-            lifespan="on",
-            log_level="warning",
-            access_log=False,
-            loop="asyncio",
-            proxy_headers=False,
-            http="h11",
-            ws="websockets-sansio",
-            timeout_graceful_shutdown=1,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True, name="ws-gateway")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> WsGateway:
-        self.thread.start()
-        wait_for_port(self.port)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        super().__init__(ws="websockets-sansio", port=port)
 
 
 @pytest.fixture(scope="session")
