@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import traceback
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
@@ -22,20 +21,9 @@ from gateway.problems import (
 )
 
 
-def _nested_too_deeply(exc: Exception) -> bool:
-    """A RecursionError from DRF's JSON parser (``json.load``) on a deeply nested body."""
-    return isinstance(exc, RecursionError) and any(
-        frame.f_code.co_filename.endswith("parsers.py")
-        and "rest_framework" in frame.f_code.co_filename
-        for frame, _ in traceback.walk_tb(exc.__traceback__)
-    )
-
-
 def to_gateway_error(exc: Exception) -> GatewayError | None:
     if isinstance(exc, GatewayError):
         return exc
-    if _nested_too_deeply(exc):
-        return InvalidRequest("The body is malformed JSON: nested too deeply.")
     if isinstance(exc, Http404 | exceptions.NotFound):
         return NotFound(str(exc) if str(exc) else "Not found.")
     if isinstance(exc, exceptions.NotAuthenticated):
