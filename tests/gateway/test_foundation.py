@@ -137,19 +137,23 @@ def test_openapi_and_docs_are_served_offline(http):
     assert http.get("/redoc").status_code == 200
 
 
-def test_browsable_api_renders_for_staff(http, admin_user):
-    # Log in through the admin form (CSRF cookie first).
+def admin_login(http, username: str, password: str) -> None:
+    """Log in through the admin form (CSRF cookie and token first)."""
     login = http.get("/admin/login/")
     token = login.text.split('name="csrfmiddlewaretoken" value="')[1].split('"')[0]
     http.post(
         "/admin/login/",
         data={
-            "username": "admin",
-            "password": "password",
+            "username": username,
+            "password": password,
             "csrfmiddlewaretoken": token,
             "next": "/admin/",
         },
     )
+
+
+def test_browsable_api_renders_for_staff(http, admin_user):
+    admin_login(http, "admin", "password")
     r = http.get("/vx11/routes", headers={"Accept": "text/html"})
     assert r.status_code == 200 and "Route List" in r.text
 
@@ -186,17 +190,7 @@ def test_production_refuses_to_start_without_token():
 def test_admin_permission_errors_are_not_turned_into_500(http, django_user_model):
     """A staff user without rights gets Django's 403, not a 500 problem."""
     django_user_model.objects.create_user("clerk", password="pw-123456", is_staff=True)
-    login = http.get("/admin/login/")
-    token = login.text.split('name="csrfmiddlewaretoken" value="')[1].split('"')[0]
-    http.post(
-        "/admin/login/",
-        data={
-            "username": "clerk",
-            "password": "pw-123456",
-            "csrfmiddlewaretoken": token,
-            "next": "/admin/",
-        },
-    )
+    admin_login(http, "clerk", "pw-123456")
     r = http.get("/admin/gateway/route/add/")
     assert r.status_code == 403
 
