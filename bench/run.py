@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gateway.startup import server_command
 from tests.servers import RedisServer, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,22 +152,7 @@ def main() -> int:
             env["VX11_REDIS_URL"] = redis.url
         subprocess.run([py, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
         gateway = start(
-            [
-                py,
-                "-m",
-                "uvicorn",
-                "vx11site.asgi:application",
-                "--port",
-                str(gw_port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--no-proxy-headers",
-                "--log-level",
-                "warning",
-            ],
+            server_command("127.0.0.1", gw_port),
             gw_port,
             env,
         )

@@ -14,6 +14,36 @@ from gateway.conf import gw
 log = logging.getLogger("gateway")
 
 
+def server_command(host: str, port: int, workers: int = 1, *extra: str) -> list[str]:
+    """The uvicorn command line every launcher uses (dev run, benchmark, test processes).
+
+    ``--no-proxy-headers`` is not optional: uvicorn would otherwise trust
+    X-Forwarded-For from any local peer; the gateway applies ``VX11_TRUSTED_PROXIES``
+    itself. The README's production command and the Dockerfile use the same flags.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "vx11site.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--no-proxy-headers",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+
+
 def stop_supervisor() -> None:
     """Under ``uvicorn --workers N`` the app is loaded in worker processes that uvicorn
     restarts forever when they die; a refusal to start must stop the whole server, so

@@ -80,17 +80,7 @@ class SessionAdmin(admin.ModelAdmin[Session]):
         "ttl_left",
         "summary",
     ]
-    fields = [
-        "session_id",
-        "client",
-        "topic",
-        "message_count",
-        "created_at",
-        "last_activity",
-        "expires_at",
-        "ttl_left",
-        "summary",
-    ]
+    fields = tuple(readonly_fields)  # everything is shown, nothing is edited by hand
     inlines = [MessageInline]
     actions = ["expire_now"]
     date_hierarchy = "last_activity"

@@ -447,25 +447,12 @@ class GatewayProcess:
         )
 
     def start(self) -> GatewayProcess:
+        from gateway.startup import server_command
+
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "vx11site.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                str(self.workers),
-                "--no-access-log",
-                "--no-proxy-headers",
-                "--log-level",
-                "warning",
-                "--timeout-graceful-shutdown",
-                "2",
-            ],
+            server_command(
+                "127.0.0.1", self.port, self.workers, "--timeout-graceful-shutdown", "2"
+            ),
             cwd=ROOT,
             env=self.env,
             stdout=self.log,

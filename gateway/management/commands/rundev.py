@@ -18,6 +18,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
+from gateway.startup import server_command
+
 
 def _port_busy(port: int) -> bool:
     with socket.socket() as s:
@@ -90,26 +92,7 @@ class Command(BaseCommand):
             self._stop(children)
             raise SystemExit(1)
         server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "vx11site.asgi:application",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--workers",
-                str(options["workers"]),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--no-proxy-headers",
-                "--log-level",
-                "warning",
-            ],
+            server_command(host, port, options["workers"]),
             env=env,
             cwd=settings.BASE_DIR,
         )
