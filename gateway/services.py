@@ -160,10 +160,11 @@ def build() -> Services:
     timeout = float(gw.store_timeout)
     if store.shared():
         client = store.async_client()
+        scripts = store.script_client()
         breaker_backend = FallbackBreakerBackend(
-            RedisBreakerBackend(client), memory_breaker_backend(), timeout=timeout
+            RedisBreakerBackend(client, scripts=scripts), memory_breaker_backend(), timeout=timeout
         )
-        limiter_backend = RedisRateLimitBackend(client)
+        limiter_backend = RedisRateLimitBackend(scripts)
         cache_backend = RedisResponseCache(client)
     else:
         breaker_backend = memory_breaker_backend()

@@ -57,14 +57,16 @@ def _which(name: str, extra: list[str]) -> str | None:
 class RedisServer:
     """A private redis-server: no persistence, loopback only."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
+        self.password = password
         self.dir = tempfile.mkdtemp(prefix="vx11-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         exe = _which("redis-server", ["/usr/bin", "/usr/local/bin"])
@@ -91,6 +93,7 @@ class RedisServer:
                 "no",
                 "--loglevel",
                 "warning",
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

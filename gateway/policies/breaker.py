@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 
 from gateway.policies.clock import Clock
 from gateway.policies.deadline import store_call
+from gateway.resp import Script, ScriptRunner, script_runner
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ class MemoryBreakerBackend:
 # Hash fields: state, failures, successes, last_failure, opened_at, forced. Times are stored
 # as the exact strings Python sent (repr of a float), never re-formatted by Lua.
 
-_ACQUIRE = """
+_ACQUIRE = Script("""
 local now = tonumber(ARGV[1])
 local h = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'forced', 'failures')
 local state, forced = h[1] or 'closed', h[3]
@@ -369,9 +370,9 @@ if redis.call('ZCARD', KEYS[2]) < tonumber(ARGV[3]) then
 end
 local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 return {0, 'half_open', '', first[2], moved}
-"""
+""")
 
-_RECORD = """
+_RECORD = Script("""
 local failure = ARGV[2] == '1'
 local h = redis.call('HMGET', KEYS[1], 'state', 'failures', 'successes', 'forced')
 local state, forced = h[1] or 'closed', h[4]
@@ -430,9 +431,9 @@ redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0, 'successes', 0)
 redis.call('HDEL', KEYS[1], 'opened_at')
 redis.call('DEL', KEYS[2], KEYS[3])
 return {'half_open', 'closed', 'probe_succeeded'}
-"""
+""")
 
-_FORCE = """
+_FORCE = Script("""
 local h = redis.call('HMGET', KEYS[1], 'state', 'forced')
 local state = h[1] or 'closed'
 local before, after = h[2] or state, state
@@ -449,15 +450,15 @@ else
   redis.call('HDEL', KEYS[1], 'forced')
 end
 return {before, after}
-"""
+""")
 
-_HEALTHY = """
+_HEALTHY = Script("""
 local h = redis.call('HMGET', KEYS[1], 'state', 'forced')
 if h[2] or h[1] ~= 'open' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'half_open', 'successes', 0)
 redis.call('DEL', KEYS[2])
 return 1
-"""
+""")
 
 _STATUS_FIELDS = ("state", "failures", "last_failure", "opened_at", "forced")
 
@@ -477,13 +478,21 @@ def _num(value: Any) -> float | None:
 class RedisBreakerBackend:
     """State in Redis, shared by every process and host; one script call per decision."""
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str = "vx11:cb:") -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        prefix: str = "vx11:cb:",
+        *,
+        scripts: ScriptRunner | None = None,
+    ) -> None:
+        """``scripts``: where the decision scripts run (default: through ``client``).
+
+        The gateway passes its pipelined request-path connection (``gateway.resp``);
+        status reads stay on ``client``.
+        """
         self.client = client
         self.prefix = prefix
-        self._acquire = client.register_script(_ACQUIRE)
-        self._record = client.register_script(_RECORD)
-        self._force = client.register_script(_FORCE)
-        self._healthy = client.register_script(_HEALTHY)
+        self.scripts = script_runner(client) if scripts is None else scripts
 
     def _keys(self, module: str) -> list[str]:
         base = self.prefix + module
@@ -500,7 +509,7 @@ class RedisBreakerBackend:
             probe_id,
             repr(now + cfg.probe_lease_seconds),
         ]
-        reply = await self._acquire(keys=self._keys(module)[:2], args=args)
+        reply = await self.scripts.run_script(_ACQUIRE, self._keys(module)[:2], args)
         allowed, state, opened_at, earliest, moved = reply[:5]
         state = _text(state)
         transition = None
@@ -532,7 +541,7 @@ class RedisBreakerBackend:
             cfg.min_calls,
             WINDOW_BUCKETS,
         ]
-        reply = await self._record(keys=self._keys(module), args=args)
+        reply = await self.scripts.run_script(_RECORD, self._keys(module), args)
         if not reply:
             return None
         before, after, reason = (_text(v) for v in reply)
@@ -566,12 +575,12 @@ class RedisBreakerBackend:
     async def force(self, module: str, action: str, now: float) -> Transition | None:
         _check_action(action)
         before, after = (
-            _text(v) for v in await self._force(keys=self._keys(module), args=[action])
+            _text(v) for v in await self.scripts.run_script(_FORCE, self._keys(module), [action])
         )
         return None if before == after else Transition(module, before, after, action, now)
 
     async def mark_healthy(self, module: str, cfg: BreakerConfig, now: float) -> Transition | None:
-        moved = await self._healthy(keys=self._keys(module)[:2])
+        moved = await self.scripts.run_script(_HEALTHY, self._keys(module)[:2], [])
         return Transition(module, OPEN, HALF_OPEN, "health_check", now) if int(moved) else None
 
 

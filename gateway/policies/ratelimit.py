@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +38,7 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from gateway.policies.deadline import store_call
+from gateway.resp import Script, ScriptRunner, script_runner
 
 Clock = Callable[[], float]
 FailMode = Literal["local", "open", "closed"]
@@ -258,6 +259,17 @@ return out
 """
 
 
+_HIT_SCRIPT = Script(_LUA_HIT)
+
+
+def _member_suffix() -> str:
+    """Makes a log entry unique among requests admitted at the same instant.
+
+    Uniqueness, not secrecy: Python's PRNG (no ``os.urandom`` syscall per request).
+    """
+    return f"{random.getrandbits(64):016x}"
+
+
 class RedisRateLimitBackend:
     """The sliding-window log in Redis: one Lua script, one round trip per request.
 
@@ -267,19 +279,20 @@ class RedisRateLimitBackend:
     single primary.)
     """
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str = "vx11:rl:") -> None:
-        self._client = client
+    def __init__(
+        self, client: redis.asyncio.Redis | ScriptRunner, prefix: str = "vx11:rl:"
+    ) -> None:
+        self._runner = script_runner(client)
         self._prefix = prefix
-        self._script = client.register_script(_LUA_HIT)
 
     async def _run(self, scopes: Sequence[Scope], now: float, mode: int) -> Decision:
         if not scopes:
             return _decide((), (), (), ())
-        args: list[str | int] = [repr(now), f"{now!r}:{uuid.uuid4().hex}", mode]
+        args: list[str | int] = [repr(now), f"{now!r}:{_member_suffix()}", mode]
         for s in scopes:
             args += [s.limit, repr(now - s.window), max(math.ceil(s.window * 1000), 1)]
         keys = [self._prefix + s.key for s in scopes]
-        raw = await self._script(keys=keys, args=args)
+        raw = await self._runner.run_script(_HIT_SCRIPT, keys, args)
         admits: list[bool] = []
         counts: list[int] = []
         resets: list[float] = []

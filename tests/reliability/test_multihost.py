@@ -406,9 +406,18 @@ async def test_a_context7_session_started_on_host_a_continues_on_host_b(
 # admitted against a limit of 100; 6 half-open probes instead of 1). docs/RELIABILITY.md.
 
 
+def _store_client(kind: str) -> Any:
+    """The shared client management code uses (redis-py behind a fair gate), or the
+    request path's pipelined connection (gateway/resp.py)."""
+    from gateway import store
+
+    return store.async_client() if kind == "gated" else store.script_client()
+
+
 @pytest.mark.reliability
+@pytest.mark.parametrize("kind", ["gated", "pipelined"])
 async def test_a_burst_on_a_cold_store_client_is_decided_by_the_shared_store(
-    gw_env: Any, redis_url: str
+    gw_env: Any, redis_url: str, kind: str
 ) -> None:
     """200 concurrent decisions on a fresh client: no store timeout, exactly the limit.
 
@@ -420,17 +429,19 @@ async def test_a_burst_on_a_cold_store_client_is_decided_by_the_shared_store(
 
     gw_env.set(VX11_REDIS_URL=redis_url, VX11_STORE_TIMEOUT=0.05)
     store.reset()
-    limiter = RateLimiter(RedisRateLimitBackend(store.async_client()), store_timeout=0.05)
+    client = _store_client(kind)
+    limiter = RateLimiter(RedisRateLimitBackend(client), store_timeout=0.05)
     scope = [Scope("token", "token:burst", 100, 60)]
     decisions = await asyncio.gather(*(limiter.check(scope) for _ in range(200)))
-    await store.async_client().aclose()
+    await client.aclose()
     assert sum(d.degraded for d in decisions) == 0
     assert sum(d.allowed for d in decisions) == 100
 
 
 @pytest.mark.reliability
+@pytest.mark.parametrize("kind", ["gated", "pipelined"])
 async def test_sustained_concurrency_above_the_gate_size_starves_no_store_call(
-    gw_env: Any, redis_url: str
+    gw_env: Any, redis_url: str, kind: str
 ) -> None:
     """256 callers looping on 32 gate slots: every call is decided by the store.
 
@@ -442,7 +453,8 @@ async def test_sustained_concurrency_above_the_gate_size_starves_no_store_call(
 
     gw_env.set(VX11_REDIS_URL=redis_url, VX11_STORE_TIMEOUT=0.05)
     store.reset()
-    limiter = RateLimiter(RedisRateLimitBackend(store.async_client()), store_timeout=0.05)
+    client = _store_client(kind)
+    limiter = RateLimiter(RedisRateLimitBackend(client), store_timeout=0.05)
     scope = [Scope("token", "token:sustained", 10**9, 60)]
     degraded = calls = 0
 
@@ -453,7 +465,7 @@ async def test_sustained_concurrency_above_the_gate_size_starves_no_store_call(
             degraded += (await limiter.check(scope)).degraded
 
     await asyncio.gather(*(caller() for _ in range(8 * store.GATE_SIZE)))
-    await store.async_client().aclose()
+    await client.aclose()
     assert calls >= 5000
     assert degraded == 0
 
@@ -474,12 +486,15 @@ async def test_a_stalled_event_loop_is_not_charged_to_the_store(redis_url: str) 
         RedisBreakerBackend,
     )
     from gateway.policies.ratelimit import StoreGuard
+    from gateway.resp import PipelinedRedis
 
     client = aioredis.Redis.from_url(redis_url)
-    await client.set("k", "v")  # a warm connection: the call below sends at once
+    scripts = PipelinedRedis(redis_url)
+    await client.set("k", "v")  # warm connections: the calls below send at once
+    await scripts.execute("PING")
     guard = StoreGuard(timeout=0.05, retry_interval=1.0)
     breaker = FallbackBreakerBackend(
-        RedisBreakerBackend(client), MemoryBreakerBackend(), timeout=0.05
+        RedisBreakerBackend(client, scripts=scripts), MemoryBreakerBackend(), timeout=0.05
     )
     await breaker.status("switch", BreakerConfig(), time.time())
     try:
@@ -491,8 +506,17 @@ async def test_a_stalled_event_loop_is_not_charged_to_the_store(redis_url: str) 
         await asyncio.sleep(0)
         time.sleep(0.2)
         assert (await status).state == "closed"
+        # The request path's pipelined connection: its write leaves on the next loop turn.
+        fast = asyncio.ensure_future(guard.call(lambda: scripts.execute("GET", "k")))
+        acquire = asyncio.ensure_future(breaker.acquire("switch", BreakerConfig(), time.time()))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the flush ran: both commands are on the wire
+        time.sleep(0.2)
+        assert await fast == b"v"
+        assert (await acquire)[0].allowed
     finally:
         await client.aclose()
+        await scripts.aclose()
     assert guard.degraded is False
     assert breaker.degraded is False
 

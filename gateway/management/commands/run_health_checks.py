@@ -43,6 +43,8 @@ async def _close_shared_clients() -> None:
     if store.shared():
         with contextlib.suppress(Exception):
             await store.async_client().aclose()
+        with contextlib.suppress(Exception):
+            await store.script_client().aclose()
 
 
 class Command(BaseCommand):

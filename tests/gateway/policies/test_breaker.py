@@ -22,20 +22,27 @@ from gateway.policies.breaker import (
     Transition,
     is_failure,
 )
+from gateway.resp import PipelinedRedis
 from tests.conftest import FakeClock
 from tests.servers import RedisServer
 
 M = "madre"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-pipelined"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[BreakerBackend]:
+    """The contract runs on memory, on Redis through redis-py, and on Redis through the
+    request path's pipelined connection (gateway/resp.py)."""
     if request.param == "memory":
         yield MemoryBreakerBackend()
-    else:
-        client = redis.asyncio.Redis.from_url(request.getfixturevalue("redis_url"))
-        yield RedisBreakerBackend(client)
-        await client.aclose()
+        return
+    url = request.getfixturevalue("redis_url")
+    client = redis.asyncio.Redis.from_url(url)
+    scripts = PipelinedRedis(url) if request.param == "redis-pipelined" else None
+    yield RedisBreakerBackend(client, scripts=scripts)
+    if scripts is not None:
+        await scripts.aclose()
+    await client.aclose()
 
 
 @pytest.fixture
@@ -535,13 +542,16 @@ def _acquire_in_child(url: str, now: float, count: int, barrier: Any, results: A
 
     async def run() -> int:
         client = redis.asyncio.Redis.from_url(url)
-        backend = RedisBreakerBackend(client)
+        scripts = PipelinedRedis(url)  # what a gateway process decides through
+        backend = RedisBreakerBackend(client, scripts=scripts)
         await client.ping()
+        await scripts.execute("PING")
         barrier.wait(30)
         permits = await asyncio.gather(
             *(backend.acquire(M, BreakerConfig(), now) for _ in range(count))
         )
         await client.aclose()
+        await scripts.aclose()
         return sum(p.allowed for p, _ in permits)
 
     results.put(asyncio.run(run()))

@@ -25,6 +25,7 @@ from gateway.policies.ratelimit import (
     ScopeResult,
     ratelimit_headers,
 )
+from gateway.resp import PipelinedRedis
 from tests.conftest import FakeClock
 from tests.servers import RedisServer
 
@@ -35,14 +36,20 @@ def token(limit: int, window: int = 60, client: str = "c1") -> Scope:
     return Scope("token", f"token:{client}", limit, window)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-pipelined"])
 async def backend(
     request: pytest.FixtureRequest, redis_url: str
 ) -> AsyncIterator[RateLimitBackend]:
+    """The contract runs on memory, on Redis through redis-py, and on Redis through the
+    request path's pipelined connection (gateway/resp.py)."""
     if request.param == "memory":
         yield MemoryRateLimitBackend()
         return
-    client = redis.asyncio.Redis.from_url(redis_url)
+    client: redis.asyncio.Redis | PipelinedRedis
+    if request.param == "redis":
+        client = redis.asyncio.Redis.from_url(redis_url)
+    else:
+        client = PipelinedRedis(redis_url)
     yield RedisRateLimitBackend(client)
     await client.aclose()
 
@@ -71,12 +78,12 @@ async def test_admits_exactly_limit_of_concurrent_requests(
 
 _CHILD = """
 import asyncio, sys, time
-import redis.asyncio
 from gateway.policies.ratelimit import RateLimiter, RedisRateLimitBackend, Scope
+from gateway.resp import PipelinedRedis
 
 async def main(url, n, limit, now, start_at):
-    client = redis.asyncio.Redis.from_url(url, max_connections=1000)
-    await client.ping()
+    client = PipelinedRedis(url)  # what a gateway process decides through
+    await client.execute("PING")
     rl = RateLimiter(RedisRateLimitBackend(client), fail_mode="closed", store_timeout=10.0,
                      clock=lambda: now)
     await asyncio.sleep(max(start_at - time.time(), 0))
@@ -340,15 +347,25 @@ def test_most_restrictive_breaks_ties_on_longest_reset() -> None:
 # --------------------------------------------------------------------------- store failure
 
 
-@pytest.fixture
-async def own_client(own_redis: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(own_redis.url)
+StoreClient = redis.asyncio.Redis | PipelinedRedis
+
+
+@pytest.fixture(params=["redis-py", "pipelined"])
+async def own_client(
+    request: pytest.FixtureRequest, own_redis: RedisServer
+) -> AsyncIterator[StoreClient]:
+    """Both clients must survive a store that dies, hangs and comes back."""
+    client: StoreClient
+    if request.param == "redis-py":
+        client = redis.asyncio.Redis.from_url(own_redis.url)
+    else:
+        client = PipelinedRedis(own_redis.url)
     yield client
     await client.aclose()
 
 
 async def _redis_limiter(
-    client: redis.asyncio.Redis,
+    client: StoreClient,
     clock: FakeClock,
     fail_mode: FailMode = "local",
     *,
@@ -369,7 +386,7 @@ async def _redis_limiter(
 
 
 async def test_local_fail_mode_keeps_limiting_quickly_when_redis_dies(
-    own_redis: RedisServer, own_client: redis.asyncio.Redis, clock: FakeClock
+    own_redis: RedisServer, own_client: StoreClient, clock: FakeClock
 ) -> None:
     rl = await _redis_limiter(own_client, clock, "local")
     own_redis.kill()
@@ -382,7 +399,7 @@ async def test_local_fail_mode_keeps_limiting_quickly_when_redis_dies(
 
 
 async def test_open_fail_mode_admits_when_redis_dies(
-    own_redis: RedisServer, own_client: redis.asyncio.Redis, clock: FakeClock
+    own_redis: RedisServer, own_client: StoreClient, clock: FakeClock
 ) -> None:
     rl = await _redis_limiter(own_client, clock, "open")
     own_redis.kill()
@@ -392,7 +409,7 @@ async def test_open_fail_mode_admits_when_redis_dies(
 
 
 async def test_closed_fail_mode_refuses_when_redis_dies(
-    own_redis: RedisServer, own_client: redis.asyncio.Redis, clock: FakeClock
+    own_redis: RedisServer, own_client: StoreClient, clock: FakeClock
 ) -> None:
     rl = await _redis_limiter(own_client, clock, "closed")
     own_redis.kill()
@@ -403,7 +420,7 @@ async def test_closed_fail_mode_refuses_when_redis_dies(
 
 
 async def test_redis_is_used_again_after_restart_and_retry_interval(
-    own_redis: RedisServer, own_client: redis.asyncio.Redis, clock: FakeClock
+    own_redis: RedisServer, own_client: StoreClient, clock: FakeClock
 ) -> None:
     monotonic = FakeClock(start=0.0)
     rl = await _redis_limiter(own_client, clock, monotonic=monotonic, store_timeout=1.0)
