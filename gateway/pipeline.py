@@ -19,6 +19,7 @@ from gateway.asgi_util import Receive, Send
 from gateway.auth import Principal
 from gateway.conf import gw
 from gateway.policies.backpressure import Overloaded, QueueTimeout, priority_from_name
+from gateway.policies.breaker import Permit
 from gateway.policies.ratelimit import Scope, ratelimit_headers
 from gateway.policies.respcache import CachedResponse
 from gateway.policies.retry import RETRY_STATUSES, may_retry_request, next_delay
@@ -40,6 +41,8 @@ CACHED_HEADERS = frozenset(
 )
 HEALTH_BODY_LIMIT = 1024 * 1024
 REPLAY_LIMIT = 1024 * 1024  # bytes of request body kept in memory to allow retries
+#: Sized answers up to this many bytes are read whole and written in one message.
+SMALL_ANSWER = 64 * 1024
 
 
 def replay_fits(call: Call) -> bool:
@@ -69,25 +72,29 @@ def _header(call: Call, name: bytes) -> str | None:
 
 async def handle(call: Call, receive: Receive, send: Send) -> None:
     svc = services.get()
-    await rate_limit(call, svc)
     if (
         call.kind == "shub"
         and call.method == "GET"
         and gw.cache_enabled
         and call.upstream_path_key in CACHED_PATHS
     ):
+        await rate_limit(call, svc)
         await serve_cached(call, svc, send)
         return
     if call.route is not None and call.route.context7 and gw.context7_enabled:
+        await rate_limit(call, svc)
         await serve_context7(call, svc, receive, send)
         return
+    # Straight upstream next: the breaker's permit for the first attempt may come with the
+    # rate-limit decision (one store round trip for both; gateway/policies/admission.py).
+    permit = await rate_limit(call, svc, upstream_next=True)
     body: Body = await read_small(call, receive) if has_body(call) else None
     if body is not None and not isinstance(body, bytes) and retryable(call) and replay_fits(call):
         body = b"".join([chunk async for chunk in body])  # replayable, at most REPLAY_LIMIT
     if body is None or isinstance(body, bytes):
         call.body_complete = True
     async with slot(call, svc):
-        response = await forward(call, body, svc)
+        response = await forward(call, body, svc, permit)
         await stream_response(call, response, send, receive)
 
 
@@ -121,12 +128,19 @@ def build_scopes(principal: Principal, client_ip: str, protected: bool) -> list[
     return scopes
 
 
-async def rate_limit(call: Call, svc: services.Services) -> None:
-    """Token, IP and protected scopes, decided in one store round trip."""
+async def rate_limit(
+    call: Call, svc: services.Services, *, upstream_next: bool = False
+) -> Permit | None:
+    """Token, IP and protected scopes, decided in one store round trip.
+
+    With ``upstream_next`` the same round trip may also answer the module's breaker for
+    the first attempt: that permit is returned (``None``: ``forward`` acquires one).
+    """
     if not gw.rate_limit_enabled:
-        return
+        return None
     scopes = build_scopes(call.principal, call.client_ip, call.protected)
-    decision = await svc.limiter.check(scopes)
+    admitted = await svc.admission.admit(scopes, call.module.name if upstream_next else None)
+    decision = admitted.decision
     headers = ratelimit_headers(decision)
     if decision.would_refuse and decision.refused_by is not None:
         metrics.rate_limited(decision.refused_by.name)
@@ -136,6 +150,7 @@ async def rate_limit(call: Call, svc: services.Services) -> None:
     call.response_headers.extend(
         (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
     )
+    return admitted.permit
 
 
 # --------------------------------------------------------------------------- backpressure
@@ -179,8 +194,14 @@ def retryable(call: Call) -> bool:
     )
 
 
-async def forward(call: Call, body: Body, svc: services.Services) -> UpstreamResponse:
-    """The upstream exchange through breaker and retries; the answer's body is not read yet."""
+async def forward(
+    call: Call, body: Body, svc: services.Services, first_permit: Permit | None = None
+) -> UpstreamResponse:
+    """The upstream exchange through breaker and retries; the answer's body is not read yet.
+
+    ``first_permit``: the breaker's answer for the first attempt, when the admission step
+    already obtained it.
+    """
     headers = call.upstream_headers()
     if isinstance(body, bytes):
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
@@ -193,7 +214,10 @@ async def forward(call: Call, body: Body, svc: services.Services) -> UpstreamRes
     try:
         while True:
             call.attempts += 1
-            permit = await breaker.acquire(module)
+            if first_permit is not None and call.attempts == 1:
+                permit = first_permit
+            else:
+                permit = await breaker.acquire(module)
             if not permit.allowed:
                 raise CircuitOpen(module, permit.retry_after, permit.state)
             started = time.monotonic()
@@ -297,6 +321,11 @@ async def stream_response(
         )
         else None
     )
+    if watch is None and not (call.route is not None and call.route.streaming):
+        size = response.content_length()
+        if size is not None and size <= SMALL_ANSWER:
+            await send_small(call, response, send)
+            return
     finished = False
     try:
         await send(
@@ -324,6 +353,28 @@ async def stream_response(
             watch.stop()
         if not finished:
             response.close()  # closes the module's connection: its request is cancelled
+
+
+async def send_small(call: Call, response: UpstreamResponse, send: Send) -> None:
+    """A sized answer of at most ``SMALL_ANSWER`` bytes: read whole, then written at once.
+
+    Cheaper than streaming (two ASGI messages instead of three, no async iteration), and
+    an answer that breaks off is a clean 502 instead of a truncated 200.
+    """
+    try:
+        body = await response.read_sized()
+    except BaseException:
+        response.close()
+        raise
+    response.release()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": response_headers(call, response.headers),
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def send_buffered(

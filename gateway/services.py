@@ -18,6 +18,7 @@ from typing import Any, cast
 from gateway import events, store
 from gateway.conf import gw
 from gateway.modules import ModuleInfo
+from gateway.policies.admission import Admission
 from gateway.policies.backpressure import PriorityLimiter
 from gateway.policies.breaker import (
     BreakerBackend,
@@ -116,6 +117,7 @@ class Services:
     budget: RetryBudget
     cache: SingleFlight
     generation: int
+    admission: Admission
 
 
 _by_loop: dict[int, Services] = {}
@@ -170,26 +172,29 @@ def build() -> Services:
         breaker_backend = memory_breaker_backend()
         limiter_backend = memory_rate_limit_backend()
         cache_backend = memory_response_cache()
+    breaker = CircuitBreaker(
+        breaker_backend,
+        breaker_config,
+        clock=time.time,
+        on_transition=events.breaker_transition,
+        enabled=bool(gw.cb_enabled),
+    )
+    limiter = RateLimiter(
+        limiter_backend,
+        fail_mode=gw.rate_limit_fail_mode,
+        store_timeout=timeout,
+        enforce=bool(gw.rate_limit_enforce),
+    )
     return Services(
-        breaker=CircuitBreaker(
-            breaker_backend,
-            breaker_config,
-            clock=time.time,
-            on_transition=events.breaker_transition,
-            enabled=bool(gw.cb_enabled),
-        ),
-        limiter=RateLimiter(
-            limiter_backend,
-            fail_mode=gw.rate_limit_fail_mode,
-            store_timeout=timeout,
-            enforce=bool(gw.rate_limit_enforce),
-        ),
+        breaker=breaker,
+        limiter=limiter,
         backpressure=PriorityLimiter(int(gw.max_inflight), int(gw.queue_max)),
         budget=RetryBudget(
             ratio=float(gw.retry_budget_ratio), min_retries=int(gw.retry_budget_min)
         ),
         cache=SingleFlight(cache_backend, store_timeout=timeout),
         generation=gw.generation,
+        admission=Admission(limiter, breaker),
     )
 
 

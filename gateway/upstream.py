@@ -75,6 +75,19 @@ class UpstreamResponse:
         except aiohttp.ClientError as exc:
             raise BadGateway(f"The module's answer broke off: {type(exc).__name__}.") from exc
 
+    def content_length(self) -> int | None:
+        """The answer's declared size (``None``: unknown, chunked or absent)."""
+        return self._response.content_length
+
+    async def read_sized(self) -> bytes:
+        """The whole body of an answer with a ``Content-Length`` (small: the caller checks)."""
+        try:
+            return await self._response.read()
+        except TimeoutError as exc:
+            raise UpstreamTimeout("The module did not finish its answer in time.") from exc
+        except aiohttp.ClientError as exc:
+            raise BadGateway(f"The module's answer broke off: {type(exc).__name__}.") from exc
+
     async def read(self, limit: int) -> bytes:
         """The whole body, at most ``limit`` bytes (larger → BadGateway)."""
         parts: list[bytes] = []

@@ -345,32 +345,45 @@ class MemoryBreakerBackend:
 # Hash fields: state, failures, successes, last_failure, opened_at, forced. Times are stored
 # as the exact strings Python sent (repr of a float), never re-formatted by Lua.
 
-_ACQUIRE = Script("""
-local now = tonumber(ARGV[1])
-local h = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'forced', 'failures')
-local state, forced = h[1] or 'closed', h[3]
-if forced == 'open' then return {0, 'open', '', '', ''} end
-if forced == 'closed' or state == 'closed' then
-  if not forced and (tonumber(h[4]) or 0) == 0 then return {1, 'closed', '', '', '', 1} end
-  return {1, 'closed', '', '', ''}
-end
-local moved = ''
-if state == 'open' then
-  if now < (tonumber(h[2]) or 0) + tonumber(ARGV[2]) then
+#: Lua functions shared by the acquire script and the admission script
+#: (gateway/policies/admission.py). ``peek`` is the read-only part of acquire: a reply when
+#: the breaker is closed (allowed) or open before its recovery time (refused), ``nil`` when
+#: a decision needs writes (the open -> half-open move, a probe lease).
+ACQUIRE_FUNCTIONS = """
+local function breaker_peek(keys, argv)
+  local now = tonumber(argv[1])
+  local h = redis.call('HMGET', keys[1], 'state', 'opened_at', 'forced', 'failures')
+  local state, forced = h[1] or 'closed', h[3]
+  if forced == 'open' then return {0, 'open', '', '', ''} end
+  if forced == 'closed' or state == 'closed' then
+    if not forced and (tonumber(h[4]) or 0) == 0 then return {1, 'closed', '', '', '', 1} end
+    return {1, 'closed', '', '', ''}
+  end
+  if state == 'open' and now < (tonumber(h[2]) or 0) + tonumber(argv[2]) then
     return {0, 'open', h[2] or '0', '', ''}
   end
-  redis.call('HSET', KEYS[1], 'state', 'half_open', 'successes', 0)
-  redis.call('DEL', KEYS[2])
-  moved = 'open'
+  return nil
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[2]) < tonumber(ARGV[3]) then
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-  return {1, 'half_open', '', '', moved}
+local function breaker_acquire(keys, argv)
+  local seen = breaker_peek(keys, argv)
+  if seen then return seen end
+  local moved = ''
+  if redis.call('HGET', keys[1], 'state') == 'open' then
+    redis.call('HSET', keys[1], 'state', 'half_open', 'successes', 0)
+    redis.call('DEL', keys[2])
+    moved = 'open'
+  end
+  redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', argv[1])
+  if redis.call('ZCARD', keys[2]) < tonumber(argv[3]) then
+    redis.call('ZADD', keys[2], argv[5], argv[4])
+    return {1, 'half_open', '', '', moved}
+  end
+  local first = redis.call('ZRANGE', keys[2], 0, 0, 'WITHSCORES')
+  return {0, 'half_open', '', first[2], moved}
 end
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-return {0, 'half_open', '', first[2], moved}
-""")
+"""
+
+_ACQUIRE = Script(ACQUIRE_FUNCTIONS + "return breaker_acquire(KEYS, ARGV)\n")
 
 _RECORD = Script("""
 local failure = ARGV[2] == '1'
@@ -498,9 +511,10 @@ class RedisBreakerBackend:
         base = self.prefix + module
         return [base, base + ":probes", base + ":window"]
 
-    async def acquire(
+    def acquire_call(
         self, module: str, cfg: BreakerConfig, now: float
-    ) -> tuple[Permit, Transition | None]:
+    ) -> tuple[list[str], list[str | int], str]:
+        """Keys, arguments and probe id of one acquire (also run inside the admission script)."""
         probe_id = _probe_token()
         args: list[str | int] = [
             repr(now),
@@ -509,7 +523,13 @@ class RedisBreakerBackend:
             probe_id,
             repr(now + cfg.probe_lease_seconds),
         ]
-        reply = await self.scripts.run_script(_ACQUIRE, self._keys(module)[:2], args)
+        return self._keys(module)[:2], args, probe_id
+
+    @staticmethod
+    def acquire_reply(
+        reply: list[Any], module: str, cfg: BreakerConfig, now: float, probe_id: str
+    ) -> tuple[Permit, Transition | None]:
+        """The permit an acquire (or peek) reply stands for."""
         allowed, state, opened_at, earliest, moved = reply[:5]
         state = _text(state)
         transition = None
@@ -525,6 +545,13 @@ class RedisBreakerBackend:
         opened = _num(opened_at)
         wait = cfg.recovery_timeout if opened is None else opened + cfg.recovery_timeout - now
         return Permit(False, OPEN, wait, None), None
+
+    async def acquire(
+        self, module: str, cfg: BreakerConfig, now: float
+    ) -> tuple[Permit, Transition | None]:
+        keys, args, probe_id = self.acquire_call(module, cfg, now)
+        reply = await self.scripts.run_script(_ACQUIRE, keys, args)
+        return self.acquire_reply(reply, module, cfg, now, probe_id)
 
     async def record(
         self, module: str, cfg: BreakerConfig, now: float, *, failure: bool, probe_id: str | None
@@ -622,15 +649,19 @@ class FallbackBreakerBackend:
             # Redis: see gateway/policies/deadline.py.
             result = await store_call(lambda: op(self.primary), self.timeout)
         except (TimeoutError, RedisError, OSError) as exc:
-            if not self.degraded:
-                logger.warning("breaker store unavailable, using in-process state: %r", exc)
-            self.degraded = True
-            self._retry_at = self.clock() + self.retry_interval
+            self.mark_unavailable(exc)
             return await op(self.fallback)
         if self.degraded:
             logger.info("breaker store is back")
             self.degraded = False
         return result
+
+    def mark_unavailable(self, exc: BaseException) -> None:
+        """The store failed (here or in a combined call elsewhere): use memory for a while."""
+        if not self.degraded:
+            logger.warning("breaker store unavailable, using in-process state: %r", exc)
+        self.degraded = True
+        self._retry_at = self.clock() + self.retry_interval
 
     async def acquire(
         self, module: str, cfg: BreakerConfig, now: float
@@ -680,7 +711,7 @@ class CircuitBreaker:
         self.on_transition = on_transition
         self.enabled = enabled
 
-    def _emit(self, transition: Transition | None) -> None:
+    def emit(self, transition: Transition | None) -> None:
         if transition is None or self.on_transition is None:
             return
         try:
@@ -694,7 +725,7 @@ class CircuitBreaker:
         permit, transition = await self.backend.acquire(
             module, self.config_for(module), self.clock()
         )
-        self._emit(transition)
+        self.emit(transition)
         return permit
 
     async def record(
@@ -712,7 +743,7 @@ class CircuitBreaker:
         failure = is_failure(cfg, status, error)
         if not failure and permit is not None and permit.clean and not cfg.uses_window:
             return  # a success on a clean closed breaker changes nothing
-        self._emit(
+        self.emit(
             await self.backend.record(module, cfg, self.clock(), failure=failure, probe_id=probe_id)
         )
 
@@ -724,12 +755,12 @@ class CircuitBreaker:
 
     async def force(self, module: str, action: str) -> Transition | None:
         transition = await self.backend.force(module, action, self.clock())
-        self._emit(transition)
+        self.emit(transition)
         return transition
 
     async def mark_healthy(self, module: str) -> Transition | None:
         transition = await self.backend.mark_healthy(module, self.config_for(module), self.clock())
-        self._emit(transition)
+        self.emit(transition)
         return transition
 
 

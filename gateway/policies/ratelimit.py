@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -218,45 +218,48 @@ class MemoryRateLimitBackend:
 # the script never formats a float itself (Lua's tostring keeps only 14 digits).
 # Returns {admit_1, count_1, score_1, admit_2, ...}: score_k is the entry whose expiry
 # frees a slot ('' when the set is empty); Python computes reset = score + window - now.
-_LUA_HIT = """
-local now = ARGV[1]
-local member = ARGV[2]
-local mode = tonumber(ARGV[3])
-local n = #KEYS
-local limits, windows, counts, admits = {}, {}, {}, {}
-local all_ok = true
-for i = 1, n do
-  local base = 3 + (i - 1) * 3
-  limits[i] = tonumber(ARGV[base + 1])
-  windows[i] = ARGV[base + 3]
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[base + 2])
-  counts[i] = redis.call('ZCARD', KEYS[i])
-  admits[i] = counts[i] < limits[i]
-  if not admits[i] then all_ok = false end
-end
-if mode > 0 then
+RATE_LIMIT_FUNCTION = """
+local function rate_limit(keys, argv)
+  local now = argv[1]
+  local member = argv[2]
+  local mode = tonumber(argv[3])
+  local n = #keys
+  local limits, windows, counts, admits = {}, {}, {}, {}
+  local all_ok = true
   for i = 1, n do
-    if admits[i] and (all_ok or mode == 2) then
-      redis.call('ZADD', KEYS[i], now, member)
-      redis.call('PEXPIRE', KEYS[i], windows[i])
-      counts[i] = counts[i] + 1
+    local base = 3 + (i - 1) * 3
+    limits[i] = tonumber(argv[base + 1])
+    windows[i] = argv[base + 3]
+    redis.call('ZREMRANGEBYSCORE', keys[i], '-inf', argv[base + 2])
+    counts[i] = redis.call('ZCARD', keys[i])
+    admits[i] = counts[i] < limits[i]
+    if not admits[i] then all_ok = false end
+  end
+  if mode > 0 then
+    for i = 1, n do
+      if admits[i] and (all_ok or mode == 2) then
+        redis.call('ZADD', keys[i], now, member)
+        redis.call('PEXPIRE', keys[i], windows[i])
+        counts[i] = counts[i] + 1
+      end
     end
   end
-end
-local out = {}
-for i = 1, n do
-  local score = ''
-  if counts[i] > 0 then
-    local k = counts[i] - limits[i]
-    if k < 0 then k = 0 end
-    score = redis.call('ZRANGE', KEYS[i], k, k, 'WITHSCORES')[2]
+  local out = {}
+  for i = 1, n do
+    local score = ''
+    if counts[i] > 0 then
+      local k = counts[i] - limits[i]
+      if k < 0 then k = 0 end
+      score = redis.call('ZRANGE', keys[i], k, k, 'WITHSCORES')[2]
+    end
+    out[#out + 1] = admits[i] and 1 or 0
+    out[#out + 1] = counts[i]
+    out[#out + 1] = score
   end
-  out[#out + 1] = admits[i] and 1 or 0
-  out[#out + 1] = counts[i]
-  out[#out + 1] = score
+  return out
 end
-return out
 """
+_LUA_HIT = RATE_LIMIT_FUNCTION + "return rate_limit(KEYS, ARGV)\n"
 
 
 _HIT_SCRIPT = Script(_LUA_HIT)
@@ -282,17 +285,21 @@ class RedisRateLimitBackend:
     def __init__(
         self, client: redis.asyncio.Redis | ScriptRunner, prefix: str = "vx11:rl:"
     ) -> None:
-        self._runner = script_runner(client)
+        self.runner = script_runner(client)
         self._prefix = prefix
 
-    async def _run(self, scopes: Sequence[Scope], now: float, mode: int) -> Decision:
-        if not scopes:
-            return _decide((), (), (), ())
+    def script_call(
+        self, scopes: Sequence[Scope], now: float, mode: int
+    ) -> tuple[list[str], list[str | int]]:
+        """Keys and arguments of one decision (also run inside the admission script)."""
         args: list[str | int] = [repr(now), f"{now!r}:{_member_suffix()}", mode]
         for s in scopes:
             args += [s.limit, repr(now - s.window), max(math.ceil(s.window * 1000), 1)]
-        keys = [self._prefix + s.key for s in scopes]
-        raw = await self._runner.run_script(_HIT_SCRIPT, keys, args)
+        return [self._prefix + s.key for s in scopes], args
+
+    @staticmethod
+    def decision(scopes: Sequence[Scope], now: float, raw: Sequence[Any]) -> Decision:
+        """The decision a script reply stands for."""
         admits: list[bool] = []
         counts: list[int] = []
         resets: list[float] = []
@@ -302,6 +309,13 @@ class RedisRateLimitBackend:
             counts.append(int(count))
             resets.append(max(float(score) + s.window - now, 0.0) if score else 0.0)
         return _decide(scopes, counts, resets, admits)
+
+    async def _run(self, scopes: Sequence[Scope], now: float, mode: int) -> Decision:
+        if not scopes:
+            return _decide((), (), (), ())
+        keys, args = self.script_call(scopes, now, mode)
+        raw = await self.runner.run_script(_HIT_SCRIPT, keys, args)
+        return self.decision(scopes, now, raw)
 
     async def hit(
         self, scopes: Sequence[Scope], now: float, *, cost_only_if_all_allowed: bool = True
@@ -396,6 +410,14 @@ class RateLimiter:
         """True from a store failure until the store answers again."""
         return self._guard.degraded
 
+    @property
+    def guard(self) -> StoreGuard:
+        """Bounds and back-off of store calls (shared with the admission step)."""
+        return self._guard
+
+    def now(self) -> float:
+        return self._clock()
+
     async def check(self, scopes: Sequence[Scope]) -> Decision:
         """Decide one request over all its scopes, charging them if admitted."""
         now = self._clock()
@@ -405,7 +427,11 @@ class RateLimiter:
             else:
                 decision = await self._guard.call(lambda: self.backend.hit(scopes, now))
         except StoreUnavailable:
-            decision = await self._fallback(scopes, now, consume=True)
+            decision = await self.fallback(scopes, now, consume=True)
+        return self.enforced(decision)
+
+    def enforced(self, decision: Decision) -> Decision:
+        """Shadow mode: a refusal is reported (``would_refuse``) but admitted."""
         if not self.enforce and not decision.allowed:
             return replace(decision, allowed=True, retry_after=0.0, would_refuse=True)
         return decision
@@ -416,9 +442,10 @@ class RateLimiter:
         try:
             return await self._guard.call(lambda: self.backend.peek(scopes, now))
         except StoreUnavailable:
-            return await self._fallback(scopes, now, consume=False)
+            return await self.fallback(scopes, now, consume=False)
 
-    async def _fallback(self, scopes: Sequence[Scope], now: float, *, consume: bool) -> Decision:
+    async def fallback(self, scopes: Sequence[Scope], now: float, *, consume: bool) -> Decision:
+        """The decision ``fail_mode`` gives while the store is unavailable."""
         if self.fail_mode == "local":
             if consume:
                 local = await self.local_backend.hit(scopes, now)
