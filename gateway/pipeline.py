@@ -228,7 +228,13 @@ async def forward(
             response: UpstreamResponse | None = None
             try:
                 response = await upstream.send(
-                    call.method, call.url, headers, body, remaining, unavailable=call.unavailable
+                    call.method,
+                    call.module.url,
+                    call.target,
+                    headers,
+                    body,
+                    remaining,
+                    unavailable=call.unavailable,
                 )
             except (UpstreamUnavailable, UpstreamTimeout, BadGateway) as exc:
                 error = exc

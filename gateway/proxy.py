@@ -88,10 +88,14 @@ class Call:
 
     @property
     def url(self) -> str:
-        url = self.module.url + self.upstream_path
+        return self.module.url + self.target
+
+    @property
+    def target(self) -> str:
+        """Path and query as they go upstream (after the module URL's own path)."""
         if self.query:
-            url += "?" + self.query.decode("latin-1")
-        return url
+            return self.upstream_path + "?" + self.query.decode("latin-1")
+        return self.upstream_path
 
     @property
     def unavailable(self) -> type[UpstreamUnavailable]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
 import yarl
 
+from gateway import h1
 from gateway.conf import gw
 from gateway.problems import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
 
@@ -50,43 +50,33 @@ def session() -> aiohttp.ClientSession:
 
 
 async def close() -> None:
-    """Close this loop's client (ASGI lifespan shutdown)."""
+    """Close this loop's clients (ASGI lifespan shutdown)."""
+    h1.close_pool()
     loop = asyncio.get_running_loop()
     client = _sessions.pop(id(loop), None)
     if client is not None:
         await client.close()
 
 
-@dataclass(slots=True)
 class UpstreamResponse:
+    """A module's answer whose body the caller reads (streamed) or drops."""
+
     status: int
     headers: list[tuple[bytes, bytes]]
-    _response: aiohttp.ClientResponse
 
     def header(self, name: str) -> str | None:
-        return self._response.headers.get(name)
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except TimeoutError as exc:
-            raise UpstreamTimeout("The module did not finish its answer in time.") from exc
-        except aiohttp.ClientError as exc:
-            raise BadGateway(f"The module's answer broke off: {type(exc).__name__}.") from exc
+        raise NotImplementedError
 
     def content_length(self) -> int | None:
         """The answer's declared size (``None``: unknown, chunked or absent)."""
-        return self._response.content_length
+        raise NotImplementedError
+
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        raise NotImplementedError
 
     async def read_sized(self) -> bytes:
         """The whole body of an answer with a ``Content-Length`` (small: the caller checks)."""
-        try:
-            return await self._response.read()
-        except TimeoutError as exc:
-            raise UpstreamTimeout("The module did not finish its answer in time.") from exc
-        except aiohttp.ClientError as exc:
-            raise BadGateway(f"The module's answer broke off: {type(exc).__name__}.") from exc
+        raise NotImplementedError
 
     async def read(self, limit: int) -> bytes:
         """The whole body, at most ``limit`` bytes (larger → BadGateway)."""
@@ -101,10 +91,88 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Return the connection to the pool (body fully read) or drop it (not read)."""
-        self._response.release()
+        raise NotImplementedError
 
     def close(self) -> None:
         """Abort: the upstream connection is closed, its request cancelled."""
+        raise NotImplementedError
+
+
+def _body_error(exc: BaseException) -> GatewayError:
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("The module did not finish its answer in time.")
+    return BadGateway(f"The module's answer broke off: {type(exc).__name__}.")
+
+
+class H1UpstreamResponse(UpstreamResponse):
+    """An answer read through ``gateway.h1`` (request bodies in memory)."""
+
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: h1.Response) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers = response.headers
+
+    def header(self, name: str) -> str | None:
+        return self._response.header(name)
+
+    def content_length(self) -> int | None:
+        return self._response.content_length()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.iter_chunks():
+                yield chunk
+        except (TimeoutError, ConnectionError) as exc:
+            raise _body_error(exc) from exc
+
+    async def read_sized(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (TimeoutError, ConnectionError) as exc:
+            raise _body_error(exc) from exc
+
+    def release(self) -> None:
+        self._response.release()
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class AiohttpUpstreamResponse(UpstreamResponse):
+    """An answer read through aiohttp (streamed request bodies)."""
+
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers = list(response.raw_headers)
+
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
+    def content_length(self) -> int | None:
+        return self._response.content_length
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _body_error(exc) from exc
+
+    async def read_sized(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _body_error(exc) from exc
+
+    def release(self) -> None:
+        self._response.release()
+
+    def close(self) -> None:
         self._response.close()
 
 
@@ -113,28 +181,44 @@ Body = bytes | AsyncIterator[bytes] | None
 
 async def send(
     method: str,
-    url: str,
+    base_url: str,
+    target: str,
     headers: list[tuple[str, str]],
     body: Body,
     timeout: float,
     *,
     unavailable: type[GatewayError] = UpstreamUnavailable,
 ) -> UpstreamResponse:
-    """Send one request; the answer's body is read later by the caller (streaming).
+    """Send one request to ``base_url`` + ``target`` (path and query, sent byte for byte);
+    the answer's body is read later by the caller (streaming).
 
     ``timeout`` bounds the whole exchange, the body read included. Errors come
     back as gateway problems: connect failure → ``unavailable`` (503), timeout →
-    504, an invalid answer → 502.
+    504, an invalid answer → 502. A body in memory (or none) goes through
+    ``gateway.h1``; a streamed body through aiohttp.
     """
+    connect_timeout = min(timeout, 10.0)
+    if body is None or isinstance(body, bytes):
+        try:
+            response = await h1.pool(int(gw.upstream_pool_size)).request(
+                method, h1.origin(base_url), target, headers, body, timeout, connect_timeout
+            )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"The module did not answer within {timeout:g} s.") from exc
+        except h1.ConnectFailed as exc:
+            raise unavailable(f"Cannot connect to the module: {exc}.") from exc
+        except ConnectionError as exc:
+            raise BadGateway(f"The module sent no valid answer: {exc}.") from exc
+        return H1UpstreamResponse(response)
     try:
-        response = await session().request(
+        streamed = await session().request(
             method,
             # encoded=True: the path and query go upstream byte for byte (no re-quoting).
-            yarl.URL(url, encoded=True),
+            yarl.URL(base_url + target, encoded=True),
             headers=headers,
             data=body,
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0)),
+            timeout=aiohttp.ClientTimeout(total=timeout, connect=connect_timeout),
             compress=None,
             chunked=None,
         )
@@ -146,5 +230,4 @@ async def send(
         # Also where our own request-body stream failed (too large, client gone):
         # the caller replaces this with the body's own error.
         raise BadGateway(f"The module sent no valid answer: {type(exc).__name__}.") from exc
-    raw = response.raw_headers
-    return UpstreamResponse(response.status, list(raw), response)
+    return AiohttpUpstreamResponse(streamed)
