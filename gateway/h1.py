@@ -344,6 +344,7 @@ class Pool:
         self.idle_timeout = idle_timeout
         self._idle: dict[Origin, list[Connection]] = {}
         self._slots = asyncio.Semaphore(limit)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def put(self, conn: Connection) -> None:
         conn.head = None
@@ -401,17 +402,31 @@ class Pool:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        head = _request_head(method, key, target, headers, body)
+        data = _request_head(method, key, target, headers, body)
+        if body is not None:
+            data += body
         await self._slots.acquire()
         conn: Connection | None = None
         timer: asyncio.TimerHandle | None = None
         try:
             conn = self._take(key)
+            if conn is not None:
+                timer = loop.call_at(deadline, conn.timed_out)
+                try:
+                    await conn.send(data)
+                except UpstreamClosed:
+                    # A kept-alive connection the module closed as we reused it (its idle
+                    # timeout raced our request) and not one byte of answer came back.
+                    # An idempotent request goes once more on a new connection, as
+                    # aiohttp and urllib3 do; any other is the module's error to report.
+                    if conn.status or method not in IDEMPOTENT:
+                        raise
+                    timer.cancel()
+                    conn = None
             if conn is None:
-                conn = await self._connect(key, min(connect_timeout, timeout))
-            timer = loop.call_at(deadline, conn.timed_out)
-            waiting = conn.send(head if body is None else head + body)
-            await waiting
+                conn = await self._connect(key, min(connect_timeout, deadline - loop.time()))
+                timer = loop.call_at(deadline, conn.timed_out)
+                await conn.send(data)
         except BaseException:
             if timer is not None:
                 timer.cancel()
@@ -429,6 +444,8 @@ class Pool:
         self._idle.clear()
 
 
+#: Methods a request may be sent twice with (RFC 9110 §9.2.2).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _BODYLESS_OK = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
@@ -452,11 +469,12 @@ _pools: dict[int, Pool] = {}
 
 
 def pool(limit: int) -> Pool:
-    """This event loop's pool."""
-    key = id(asyncio.get_running_loop())
-    found = _pools.get(key)
-    if found is None:
-        found = _pools[key] = Pool(limit)
+    """This event loop's pool (a new loop that reuses a dead one's id gets a new pool)."""
+    loop = asyncio.get_running_loop()
+    found = _pools.get(id(loop))
+    if found is None or found.loop is not loop:
+        found = _pools[id(loop)] = Pool(limit)
+        found.loop = loop
     return found
 
 

@@ -21,7 +21,7 @@ from gateway.policies.deadline import answered, default_cap
 from gateway.resp import PipelinedRedis
 
 _async_clients: dict[int, aioredis.Redis] = {}
-_script_clients: dict[int, PipelinedRedis] = {}
+_script_clients: dict[int, tuple[asyncio.AbstractEventLoop, PipelinedRedis]] = {}
 #: Store commands in flight per event loop. Without a gate, a burst of N concurrent requests
 #: opens N new connections at once (TCP connect and handshake each), the request-path
 #: timeout (``VX11_STORE_TIMEOUT``, 50 ms) expires while they connect, and every process
@@ -90,12 +90,13 @@ def script_client() -> PipelinedRedis:
     Rate-limit and breaker decisions run their scripts through it: one connection, every
     call pipelined, ≈ 1/6 of redis-py's CPU per call (``python -m bench.redis_clients``).
     """
-    key = id(asyncio.get_running_loop())
-    client = _script_clients.get(key)
-    if client is None:
-        backstop = default_cap(max(float(gw.store_timeout), 0.05))
-        client = PipelinedRedis(redis_url(), connect_timeout=backstop, stale_after=backstop)
-        _script_clients[key] = client
+    loop = asyncio.get_running_loop()
+    found = _script_clients.get(id(loop))
+    if found is not None and found[0] is loop:
+        return found[1]
+    backstop = default_cap(max(float(gw.store_timeout), 0.05))
+    client = PipelinedRedis(redis_url(), connect_timeout=backstop, stale_after=backstop)
+    _script_clients[id(loop)] = (loop, client)  # a new loop reusing a dead one's id: new
     return client
 
 

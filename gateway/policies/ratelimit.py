@@ -31,8 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -48,8 +47,7 @@ T = TypeVar("T")
 STORE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, RedisError, OSError)
 
 
-@dataclass(frozen=True)
-class Scope:
+class Scope(NamedTuple):
     """One limit that applies to a request (``name`` is what the 429 reports)."""
 
     name: str  # "token" | "ip" | "protected"
@@ -58,8 +56,7 @@ class Scope:
     window: int  # seconds
 
 
-@dataclass(frozen=True)
-class ScopeResult:
+class ScopeResult(NamedTuple):
     """Usage of one scope after a decision.
 
     ``remaining``: requests this scope would still admit now (after this request
@@ -77,8 +74,7 @@ class ScopeResult:
     reset: float
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """The answer for one request over all its scopes.
 
     ``would_refuse`` is the limiter's verdict whatever the enforcement: True
@@ -433,7 +429,7 @@ class RateLimiter:
     def enforced(self, decision: Decision) -> Decision:
         """Shadow mode: a refusal is reported (``would_refuse``) but admitted."""
         if not self.enforce and not decision.allowed:
-            return replace(decision, allowed=True, retry_after=0.0, would_refuse=True)
+            return decision._replace(allowed=True, retry_after=0.0, would_refuse=True)
         return decision
 
     async def status(self, scopes: Sequence[Scope]) -> Decision:
@@ -451,7 +447,7 @@ class RateLimiter:
                 local = await self.local_backend.hit(scopes, now)
             else:
                 local = await self.local_backend.peek(scopes, now)
-            return replace(local, degraded=True)
+            return local._replace(degraded=True)
         if self.fail_mode == "open":
             results = tuple(ScopeResult(scope=s, remaining=s.limit, reset=0.0) for s in scopes)
             return Decision(

@@ -415,3 +415,44 @@ def test_module_urls_are_split_once_with_default_ports() -> None:
     )
     with pytest.raises(ValueError, match="not an http"):
         h1.origin("ftp://x")
+
+
+def closes_the_reused_connection() -> Handler:
+    """Answers the first request of the first connection, then closes that connection
+    when the second request arrives on it (a keep-alive timeout racing the reuse)."""
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        first_connection = len(s.peers) == 1
+        await s.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        if first_connection:
+            await s.read_request(reader)
+            return  # closed without an answer
+        while True:
+            await s.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    return handler
+
+
+async def test_an_idempotent_request_on_a_connection_closed_under_it_is_sent_again(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    server = await serve(closes_the_reused_connection())
+    assert (await fetch(server))[2] == b"ok"
+    assert (await fetch(server, "PUT", body=b"v"))[2] == b"ok"  # resent on a new connection
+    assert len(server.peers) == 2 and len(server.requests) == 3
+
+
+async def test_a_post_on_a_connection_closed_under_it_is_not_sent_again(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    server = await serve(closes_the_reused_connection())
+    assert (await fetch(server))[2] == b"ok"
+    with pytest.raises(BadGateway, match="closed the connection"):
+        await fetch(server, "POST", body=b"once")
+    assert len(server.peers) == 1  # the module may have acted on it: never resent
