@@ -12,25 +12,19 @@ CPU time per call. Redis runs in its own process, so its CPU is not counted.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import resource
+import itertools
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 import uvloop
 
+from bench.clients import drive
 from gateway.policies.ratelimit import _LUA_HIT
 from gateway.resp import PipelinedRedis, Script
 from tests.servers import RedisServer
 
 KEYS = ["vx11:rl:token:bench", "vx11:rl:ip:127.0.0.1"]
-
-
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def script_args(n: int) -> list[Any]:
@@ -48,29 +42,15 @@ def script_args(n: int) -> list[Any]:
     ]
 
 
-async def drive(
-    call: Callable[[int], Awaitable[Any]], calls: int, concurrency: int
-) -> tuple[float, float]:
-    for n in range(200):  # warm-up: connections, script cache
-        await call(n)
-    queue = iter(range(calls))
-
-    async def worker() -> None:
-        for n in queue:
-            await call(n)
-
-    cpu0, wall0 = cpu(), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return (cpu() - cpu0) / calls * 1e6, calls / (time.perf_counter() - wall0)
-
-
 async def main(url: str, calls: int, concurrency: int) -> None:
     rows: list[tuple[str, tuple[float, float]]] = []
     client = aioredis.Redis.from_url(url, max_connections=concurrency)
     registered = client.register_script(_LUA_HIT)
 
-    async def redis_py(n: int) -> Any:
-        return await registered(keys=KEYS, args=script_args(n))
+    counter = itertools.count()
+
+    async def redis_py() -> None:
+        await registered(keys=KEYS, args=script_args(next(counter)))
 
     rows.append(("redis-py asyncio (hiredis)", await drive(redis_py, calls, concurrency)))
     await client.aclose()
@@ -78,8 +58,8 @@ async def main(url: str, calls: int, concurrency: int) -> None:
     fast = PipelinedRedis(url)
     script = Script(_LUA_HIT)
 
-    async def pipelined(n: int) -> Any:
-        return await fast.run_script(script, KEYS, script_args(n))
+    async def pipelined() -> None:
+        await fast.run_script(script, KEYS, script_args(next(counter)))
 
     rows.append(("gateway.resp.PipelinedRedis", await drive(pipelined, calls, concurrency)))
     await fast.aclose()

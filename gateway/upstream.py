@@ -1,14 +1,20 @@
-"""The one seam for proxied upstream calls: a pooled aiohttp client per process.
+"""The one seam for proxied upstream calls.
 
-Why aiohttp and not httpx here: measured on this machine (docs/PERFORMANCE.md),
-httpx's request/response machinery alone costs ≈300 µs CPU per request — more
-than a whole aiohttp round trip — so a proxy on httpx cannot reach the speed of
-a bare aiohttp proxy. httpx stays where its cost does not matter (health
-probes, the demo, tests).
+Two clients, one interface (:class:`UpstreamResponse`):
+
+- ``gateway.h1`` for every request whose body is in memory (none, a body that arrived in
+  one message, a replayable retry body): a lean HTTP/1.1 client on ``httptools`` with a
+  keep-alive pool per module, ≈ 20 µs CPU per round trip against aiohttp's ≈ 70 µs
+  (``python -m bench.clients``; docs/PERFORMANCE.md);
+- aiohttp's client for streamed request bodies (large or chunked), which it sends with
+  back-pressure.
+
+httpx (≈ 800 µs per round trip here) stays where its cost does not matter: health probes,
+the demo, tests.
 
 Rules kept here: no redirects followed, no automatic decompression (bytes and
 ``Content-Encoding`` pass through together), no headers added that the client
-did not send, bodies streamed both ways.
+did not send (besides ``Host`` and ``Content-Length``), bodies streamed both ways.
 """
 
 from __future__ import annotations
