@@ -405,7 +405,11 @@ class Pool:
         data = _request_head(method, key, target, headers, body)
         if body is not None:
             data += body
-        await self._slots.acquire()
+        if self._slots.locked():  # every connection busy: wait, but not past the deadline
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()
         conn: Connection | None = None
         timer: asyncio.TimerHandle | None = None
         try:

@@ -8,6 +8,7 @@ silence), so every branch meets a real socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -456,3 +457,26 @@ async def test_a_post_on_a_connection_closed_under_it_is_not_sent_again(
     with pytest.raises(BadGateway, match="closed the connection"):
         await fetch(server, "POST", body=b"once")
     assert len(server.peers) == 1  # the module may have acted on it: never resent
+
+
+async def test_waiting_for_a_pooled_connection_ends_at_the_deadline(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        await s.read_request(reader)
+        await asyncio.sleep(2)
+
+    server = await serve(handler)
+    pool = h1.Pool(limit=1)
+    key = h1.origin(server.url)
+    busy = asyncio.ensure_future(pool.request("GET", key, "/slow", [], None, 5.0, 5.0))
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        await pool.request("GET", key, "/waits", [], None, 0.2, 0.2)
+    assert len(server.requests) == 1  # the second request never got a connection
+    busy.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await busy
+    pool.close()
