@@ -72,13 +72,19 @@ def client_token(x_vx11_token: str | None, authorization: str | None) -> str | N
     return bearer(authorization)
 
 
+@functools.lru_cache(maxsize=64)
+def _operator(token: str) -> Principal:
+    """The principal of a configured operator token (named by a hash, never the token)."""
+    return Principal(
+        "operator", "op:" + hashlib.sha256(token.encode()).hexdigest()[:16], "operator", True
+    )
+
+
 def authenticate(token: str, snapshot: Snapshot) -> Principal | None:
     """The principal for a token, or None when it is not valid."""
     operator = _match_any(token, list(gw.token))
     if operator is not None:
-        return Principal(
-            "operator", "op:" + hashlib.sha256(operator.encode()).hexdigest()[:16], "operator", True
-        )
+        return _operator(operator)
     info = snapshot.clients.get(
         hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
     )

@@ -44,7 +44,8 @@ from gateway.policies.ratelimit import (
 from gateway.resp import Script
 
 # KEYS: the rate-limit scopes, then the breaker's two keys. ARGV: n (number of scopes),
-# shadow ('1': peek even when refused), the rate-limit arguments, the acquire arguments.
+# shadow ('1': peek even when refused), the rate-limit arguments, then the peek's two
+# (now, recovery timeout).
 # Reply: {rate-limit reply} when refused, else {rate-limit reply, peek reply or nil}.
 ADMIT = Script(
     RATE_LIMIT_FUNCTION
@@ -55,7 +56,7 @@ local rl_keys, rl_argv, cb_argv = {}, {}, {}
 for i = 1, n do rl_keys[i] = KEYS[i] end
 local rl_argc = 3 + 3 * n
 for i = 1, rl_argc do rl_argv[i] = ARGV[2 + i] end
-for i = 1, 5 do cb_argv[i] = ARGV[2 + rl_argc + i] end
+for i = 1, 2 do cb_argv[i] = ARGV[2 + rl_argc + i] end
 local limits = rate_limit(rl_keys, rl_argv)
 if ARGV[2] ~= '1' then
   for i = 1, n do
@@ -117,7 +118,7 @@ class Admission:
         cb_now = self.breaker.clock()
         cfg = self.breaker.config_for(module)
         rl_keys, rl_args = limits.script_call(scopes, now, 1)
-        cb_keys, cb_args, probe_id = cb.acquire_call(module, cfg, cb_now)
+        cb_keys, cb_args = cb.peek_call(module, cfg, cb_now)
         shadow = "0" if self.limiter.enforce else "1"
         keys = rl_keys + cb_keys
         args = [len(scopes), shadow, *rl_args, *cb_args]
@@ -132,7 +133,8 @@ class Admission:
         decision = self.limiter.enforced(limits.decision(scopes, now, reply[0]))
         permit = None
         if len(reply) > 1:
-            permit, transition = cb.acquire_reply(reply[1], module, cfg, cb_now, probe_id)
+            # A peek answers closed or open, never a probe: no probe id to hand out.
+            permit, transition = cb.acquire_reply(reply[1], module, cfg, cb_now, "")
             self.breaker.emit(transition)  # a peek never moves the breaker: always None
         return Admitted(decision, permit)
 

@@ -525,6 +525,10 @@ class RedisBreakerBackend:
         ]
         return self._keys(module)[:2], args, probe_id
 
+    def peek_call(self, module: str, cfg: BreakerConfig, now: float) -> tuple[list[str], list[str]]:
+        """Keys and arguments of the read-only ``breaker_peek`` (the admission script)."""
+        return self._keys(module)[:2], [repr(now), repr(cfg.recovery_timeout)]
+
     @staticmethod
     def acquire_reply(
         reply: list[Any], module: str, cfg: BreakerConfig, now: float, probe_id: str
