@@ -99,7 +99,6 @@ class Connection(asyncio.Protocol):
         "headers",
         "idle_since",
         "key",
-        "last_header",
         "loop",
         "parser",
         "paused",
@@ -120,7 +119,6 @@ class Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.last_header = b""
         self.head: asyncio.Future[None] | None = None
         self.body: deque[bytes] = deque()
         self.body_size = 0

@@ -95,9 +95,10 @@ class _Protocol(asyncio.Protocol):
             try:
                 reply = reader.gets()
             except hiredis.ProtocolError as exc:  # garbage on the wire: the connection is done
+                transport = self.transport
                 self._fail(RedisConnectionError(f"Redis protocol error: {exc}"))
-                if self.transport is not None:
-                    self.transport.abort()
+                if transport is not None:
+                    transport.abort()
                 return
             if reply is False:
                 return

@@ -145,3 +145,32 @@ async def test_a_wrong_password_is_a_clear_error(password_redis: RedisServer) ->
     client = PipelinedRedis(url)
     with pytest.raises(ResponseError, match=r"WRONGPASS|invalid password"):
         await client.execute("PING")
+
+
+async def test_garbage_instead_of_resp_fails_the_call_and_the_next_one_reconnects() -> None:
+    connections = 0
+    first_closed = asyncio.Event()
+
+    async def speaks_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        await reader.read(100)
+        writer.write(b"?not resp\r\n" if first else b"+PONG\r\n")
+        await writer.drain()
+        while await reader.read(100):  # until the client closes its end
+            pass
+        if first:
+            first_closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(speaks_garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}/0")
+    with pytest.raises(RedisConnectionError, match="protocol error"):
+        await client.execute("PING")
+    assert await client.execute("PING") == b"PONG"  # a new connection, not the broken one
+    assert connections == 2
+    await asyncio.wait_for(first_closed.wait(), 2)  # the broken connection was closed
+    await client.aclose()
+    server.close()
