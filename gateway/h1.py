@@ -145,9 +145,6 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid answer: {exc}"))
 
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost follows
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.reusable = False
@@ -163,12 +160,6 @@ class Connection(asyncio.Protocol):
         self._fail(
             UpstreamClosed(f"the module closed the connection{': ' + str(exc) if exc else ''}")
         )
-
-    def pause_writing(self) -> None:  # request bodies are small here: nothing to pause
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # ------------------------------------------------------------------ httptools callbacks
 

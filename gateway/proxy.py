@@ -87,10 +87,6 @@ class Call:
         )
 
     @property
-    def url(self) -> str:
-        return self.module.url + self.target
-
-    @property
     def target(self) -> str:
         """Path and query as they go upstream (after the module URL's own path)."""
         if self.query:

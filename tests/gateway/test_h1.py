@@ -98,6 +98,22 @@ def keep_alive(body: bytes = b'{"ok":true}', extra: bytes = b"") -> Handler:
     return handler
 
 
+def answers_once(raw: bytes, hold: float = 0.0) -> Handler:
+    """Reads one request, writes ``raw`` (possibly nothing), keeps the connection ``hold`` s,
+    then closes it."""
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
+    ) -> None:
+        await s.read_request(reader)
+        if raw:
+            writer.write(raw)
+            await writer.drain()
+        await asyncio.sleep(hold)
+
+    return handler
+
+
 async def fetch(
     server: Server,
     method: str = "GET",
@@ -237,14 +253,7 @@ async def test_head_answers_have_no_body_and_do_not_reuse_the_connection(
 
 
 async def test_an_answer_cut_short_is_a_502(serve: Callable[..., Awaitable[Server]]) -> None:
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
-    ) -> None:
-        await s.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
-
-    server = await serve(handler)
+    server = await serve(answers_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part"))
     response = await upstream.send("GET", server.url, "/x", [], None, 5.0)
     with pytest.raises(BadGateway, match="broke off"):
         await response.read_sized()
@@ -252,15 +261,7 @@ async def test_an_answer_cut_short_is_a_502(serve: Callable[..., Awaitable[Serve
 
 
 async def test_garbage_instead_of_http_is_a_502(serve: Callable[..., Awaitable[Server]]) -> None:
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
-    ) -> None:
-        await s.read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
-
-    server = await serve(handler)
+    server = await serve(answers_once(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", hold=1))
     with pytest.raises(BadGateway, match="no valid answer"):
         await fetch(server)
 
@@ -268,12 +269,7 @@ async def test_garbage_instead_of_http_is_a_502(serve: Callable[..., Awaitable[S
 async def test_a_module_that_closes_without_answering_is_a_502(
     serve: Callable[..., Awaitable[Server]],
 ) -> None:
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
-    ) -> None:
-        await s.read_request(reader)
-
-    server = await serve(handler)
+    server = await serve(answers_once(b""))
     with pytest.raises(BadGateway, match="closed the connection"):
         await fetch(server)
 
@@ -281,13 +277,7 @@ async def test_a_module_that_closes_without_answering_is_a_502(
 async def test_a_silent_module_times_out_at_the_deadline(
     serve: Callable[..., Awaitable[Server]],
 ) -> None:
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
-    ) -> None:
-        await s.read_request(reader)
-        await asyncio.sleep(5)
-
-    server = await serve(handler)
+    server = await serve(answers_once(b"", hold=5))
     with pytest.raises(UpstreamTimeout, match=r"within 0\.2 s"):
         await fetch(server, timeout=0.2)
 
@@ -295,15 +285,7 @@ async def test_a_silent_module_times_out_at_the_deadline(
 async def test_a_body_that_stalls_times_out_mid_answer(
     serve: Callable[..., Awaitable[Server]],
 ) -> None:
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: Server
-    ) -> None:
-        await s.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    server = await serve(handler)
+    server = await serve(answers_once(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", hold=5))
     response = await upstream.send("GET", server.url, "/x", [], None, 0.3)
     with pytest.raises(UpstreamTimeout, match="did not finish"):
         await response.read_sized()
