@@ -14,8 +14,21 @@ What it does, and what it leaves to aiohttp (``gateway.upstream`` chooses):
   chunked from the client) goes through aiohttp, which streams it with back-pressure;
 - ``http`` and ``https`` (TLS with the system's default verification);
 - answers sized by ``Content-Length``, chunked, or delimited by the connection's close;
-  ``1xx`` interim answers skipped; answers to ``HEAD`` never reuse the connection (the
-  parser cannot be told a bodiless answer is coming);
+  ``1xx`` interim answers skipped; ``204``, ``304`` and answers to ``HEAD`` end with their
+  head whatever ``Content-Length`` says (an answer to ``HEAD`` never reuses the
+  connection: llhttp cannot be told a bodiless answer is coming, so it is stopped at the
+  head and where the head ended within the read is unknown);
+- a hostile module is held to one exchange per answer (nginx's and httpcore's rules):
+  the parser is fed only between the request and the end of its answer; any byte after
+  that end (a second status line, a late unsolicited answer, in the same read or later,
+  or waiting on an idle socket — checked with ``poll`` before reuse, as httpcore's
+  ``has_expired`` does) closes the connection; a connection returns to the pool only at
+  an exact message boundary. Refused with :class:`UpstreamProtocolError`: a status
+  outside 100–599, a head over 64 KiB or 100 fields, a ``Transfer-Encoding`` other than
+  exactly one ``chunked``, two ``Content-Length`` lines, both framings, broken chunks, a
+  1xx with a body; trailer fields are dropped (``gateway.h1_head``);
+- the request head is checked before a byte is sent (:class:`InvalidRequestHead`:
+  CR/LF/NUL in the target or a value, a header name that is not a token);
 - one deadline for the whole exchange (connect, head and body), a separate connect
   timeout; the connection is aborted when the deadline passes or the caller gives up;
 - a connection returns to the pool only after a complete answer that allows keep-alive;
@@ -29,37 +42,19 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import NamedTuple, cast
 from urllib.parse import urlsplit
 
-import httptools
-
-#: A streamed answer pauses reading from the module above this many buffered bytes.
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
-
-
-class UpstreamClosed(ConnectionError):
-    """The module closed the connection before its answer was complete."""
-
-
-class UpstreamProtocolError(ConnectionError):
-    """The module's answer is not valid HTTP/1.1."""
-
-
-class ConnectFailed(OSError):
-    """No connection to the module (refused, unreachable, DNS, TLS handshake)."""
-
-
-class Origin(NamedTuple):
-    scheme: str
-    host: str
-    port: int
-    base_path: str
-    host_header: bytes
+from gateway.h1_conn import (
+    HIGH_WATER,
+    LOW_WATER,
+    ConnectFailed,
+    Connection,
+    UpstreamClosed,
+    UpstreamProtocolError,
+)
+from gateway.h1_head import InvalidRequestHead, Origin, request_head
 
 
 @lru_cache(maxsize=256)
@@ -87,172 +82,6 @@ def _tls_context() -> ssl.SSLContext:
     return _tls
 
 
-class Connection(asyncio.Protocol):
-    """One connection to a module; one exchange at a time."""
-
-    __slots__ = (
-        "body",
-        "body_size",
-        "complete",
-        "error",
-        "head",
-        "headers",
-        "idle_since",
-        "key",
-        "loop",
-        "parser",
-        "paused",
-        "reusable",
-        "status",
-        "transport",
-        "waiter",
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: Origin) -> None:
-        self.loop = loop
-        self.key = key
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.idle_since = 0.0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head: asyncio.Future[None] | None = None
-        self.body: deque[bytes] = deque()
-        self.body_size = 0
-        self.waiter: asyncio.Future[None] | None = None
-        self.complete = False
-        self.error: BaseException | None = None
-        self.paused = False
-        self.reusable = True
-
-    # ------------------------------------------------------------------ asyncio protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.head is None:  # idle: a module must not speak unasked
-            self.reusable = False
-            self._abort()
-            return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamProtocolError("the module switched protocols"))
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"invalid answer: {exc}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.reusable = False
-        if self.complete or self.error is not None:
-            self._wake()
-            return
-        if self.head is None:
-            return  # idle connection closed by the module: the pool drops it
-        if self.head.done() and self._until_close():
-            self.complete = True  # a close-delimited body ends with the connection
-            self._wake()
-            return
-        self._fail(
-            UpstreamClosed(f"the module closed the connection{': ' + str(exc) if exc else ''}")
-        )
-
-    # ------------------------------------------------------------------ httptools callbacks
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:  # interim answer (100 Continue, 103 Early Hints): skip it
-            self.headers = []
-            return
-        self.status = status
-        if not self.parser.should_keep_alive():
-            self.reusable = False
-        if self.head is not None and not self.head.done():
-            self.head.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-        self.body_size += len(body)
-        if self.body_size > HIGH_WATER and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self.status == 0:  # the end of an interim answer
-            return
-        self.complete = True
-        self._wake()
-
-    # ------------------------------------------------------------------ helpers
-
-    def _until_close(self) -> bool:
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length" or (
-                lname == b"transfer-encoding" and b"chunked" in value.lower()
-            ):
-                return False
-        return True
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-        self.reusable = False
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(error)
-            self.head.exception()  # retrieved: no "never retrieved" warning if unawaited
-        self._wake()
-        self._abort()
-
-    def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-            self.transport = None
-
-    def timed_out(self) -> None:
-        self._fail(TimeoutError("the module's answer did not complete in time"))
-
-    # ------------------------------------------------------------------ one exchange
-
-    def send(self, data: bytes) -> asyncio.Future[None]:
-        assert self.transport is not None
-        self._reset()
-        self.head = self.loop.create_future()
-        self.transport.write(data)
-        return self.head
-
-    async def next_chunk(self) -> bytes | None:
-        """The next piece of the body, ``None`` at its end."""
-        while True:
-            if self.body:
-                chunk = self.body.popleft()
-                self.body_size -= len(chunk)
-                if self.paused and self.body_size < LOW_WATER and self.transport is not None:
-                    self.paused = False
-                    self.transport.resume_reading()
-                return chunk
-            if self.complete:  # whole: a later error (a stray byte, the timer) is moot
-                return None
-            if self.error is not None:
-                raise self.error
-            self.waiter = self.loop.create_future()
-            await self.waiter
-            self.waiter = None
-
-
 class Response:
     """An answer whose body is read by the caller; ``release`` or ``close`` ends it."""
 
@@ -277,12 +106,10 @@ class Response:
         return None
 
     def content_length(self) -> int | None:
-        if self.method == "HEAD" or self.status in (204, 304):
+        if self.method == "HEAD" or self.status == 204 or self.status == 304:
             return 0
-        value = self.header("Content-Length")
-        if value is None or not value.isdigit():
-            return None
-        return int(value)
+        length = self.conn.length
+        return length if length >= 0 else None
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         if self.method == "HEAD":
@@ -309,7 +136,7 @@ class Response:
         self._done = True
         self._timer.cancel()
         conn = self.conn
-        if conn.complete and conn.error is None and conn.reusable and self.method != "HEAD":
+        if conn.complete and conn.error is None and conn.reusable:
             self._pool.put(conn)
         else:
             conn._abort()
@@ -351,8 +178,7 @@ class Pool:
         cutoff = time.monotonic() - self.idle_timeout
         while idle:
             conn = idle.pop()  # most recently used first: the warmest connection
-            alive = conn.transport is not None and not conn.transport.is_closing()
-            if alive and conn.idle_since >= cutoff:
+            if conn.idle_since >= cutoff and conn.idle_ok():
                 return conn
             conn._abort()
         return None
@@ -391,7 +217,8 @@ class Pool:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        data = _request_head(method, key, target, headers, body)
+        bodiless = method == "HEAD"
+        data = request_head(method, key, target, headers, body)  # InvalidRequestHead
         if body is not None:
             data += body
         if self._slots.locked():  # every connection busy: wait, but not past the deadline
@@ -406,7 +233,7 @@ class Pool:
             if conn is not None:
                 timer = loop.call_at(deadline, conn.timed_out)
                 try:
-                    await conn.send(data)
+                    await conn.send(data, bodiless)
                 except UpstreamClosed:
                     # A kept-alive connection the module closed as we reused it (its idle
                     # timeout raced our request) and not one byte of answer came back.
@@ -419,7 +246,7 @@ class Pool:
             if conn is None:
                 conn = await self._connect(key, min(connect_timeout, deadline - loop.time()))
                 timer = loop.call_at(deadline, conn.timed_out)
-                await conn.send(data)
+                await conn.send(data, bodiless)
         except BaseException:
             if timer is not None:
                 timer.cancel()
@@ -439,23 +266,6 @@ class Pool:
 
 #: Methods a request may be sent twice with (RFC 9110 §9.2.2).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_BODYLESS_OK = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
-
-
-def _request_head(
-    method: str, key: Origin, target: str, headers: list[tuple[str, str]], body: bytes | None
-) -> bytes:
-    lines = [f"{method} {key.base_path}{target} HTTP/1.1\r\n".encode("latin-1")]
-    lines.append(b"Host: " + key.host_header + b"\r\n")
-    for name, value in headers:
-        if name.lower() != "content-length":  # always computed here, never duplicated
-            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-    if body is not None:
-        lines.append(b"Content-Length: %d\r\n" % len(body))
-    elif method not in _BODYLESS_OK:
-        lines.append(b"Content-Length: 0\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
 
 
 _pools: dict[int, Pool] = {}
@@ -478,8 +288,11 @@ def close_pool() -> None:
 
 
 __all__ = [
+    "HIGH_WATER",
+    "LOW_WATER",
     "ConnectFailed",
     "Connection",
+    "InvalidRequestHead",
     "Origin",
     "Pool",
     "Response",
@@ -488,4 +301,5 @@ __all__ = [
     "close_pool",
     "origin",
     "pool",
+    "request_head",
 ]

@@ -27,7 +27,13 @@ import yarl
 
 from gateway import h1
 from gateway.conf import gw
-from gateway.problems import BadGateway, GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.problems import (
+    BadGateway,
+    GatewayError,
+    InvalidRequest,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 CHUNK = 64 * 1024
 _sessions: dict[int, aiohttp.ClientSession] = {}
@@ -200,8 +206,10 @@ async def send(
 
     ``timeout`` bounds the whole exchange, the body read included. Errors come
     back as gateway problems: connect failure → ``unavailable`` (503), timeout →
-    504, an invalid answer → 502. A body in memory (or none) goes through
-    ``gateway.h1``; a streamed body through aiohttp.
+    504, an invalid answer (a status outside 100–599 included) → 502, a request that
+    cannot be written as HTTP/1.1 (CR/LF/NUL in the target or a header value, a header
+    name that is not a token) → 400 before anything is sent. A body in memory (or none)
+    goes through ``gateway.h1``; a streamed body through aiohttp.
     """
     connect_timeout = min(timeout, 10.0)
     if body is None or isinstance(body, bytes):
@@ -209,6 +217,8 @@ async def send(
             response = await h1.pool(int(gw.upstream_pool_size)).request(
                 method, h1.origin(base_url), target, headers, body, timeout, connect_timeout
             )
+        except h1.InvalidRequestHead as exc:
+            raise InvalidRequest(f"The request cannot be forwarded: {exc}.") from exc
         except TimeoutError as exc:
             raise UpstreamTimeout(f"The module did not answer within {timeout:g} s.") from exc
         except h1.ConnectFailed as exc:
@@ -216,6 +226,10 @@ async def send(
         except ConnectionError as exc:
             raise BadGateway(f"The module sent no valid answer: {exc}.") from exc
         return H1UpstreamResponse(response)
+    try:  # the same checks as h1's, before aiohttp sends a byte
+        h1.request_head(method, h1.origin(base_url), target, headers, None)
+    except h1.InvalidRequestHead as exc:
+        raise InvalidRequest(f"The request cannot be forwarded: {exc}.") from exc
     try:
         streamed = await session().request(
             method,
@@ -236,4 +250,7 @@ async def send(
         # Also where our own request-body stream failed (too large, client gone):
         # the caller replaces this with the body's own error.
         raise BadGateway(f"The module sent no valid answer: {type(exc).__name__}.") from exc
+    if not 100 <= streamed.status <= 599:
+        streamed.close()
+        raise BadGateway(f"The module sent no valid answer: status {streamed.status}.")
     return AiohttpUpstreamResponse(streamed)
