@@ -10,8 +10,13 @@ from django.conf import settings
 
 from gateway.asgi_util import Receive, Scope, Send
 from gateway.conf import gw
+from gateway.problems import InvalidRequest
 
 log = logging.getLogger("gateway")
+
+
+#: The HTTP protocol class, as an import string (uvicorn's ``--http`` accepts one).
+HTTP_PROTOCOL = "gateway.server:GatewayHttpProtocol"
 
 
 def server_command(host: str, port: int, workers: int = 1, *extra: str) -> list[str]:
@@ -19,7 +24,10 @@ def server_command(host: str, port: int, workers: int = 1, *extra: str) -> list[
 
     ``--no-proxy-headers`` is not optional: uvicorn would otherwise trust
     X-Forwarded-For from any local peer; the gateway applies ``VX11_TRUSTED_PROXIES``
-    itself. The README's production command and the Dockerfile use the same flags.
+    itself. ``--http gateway.server:GatewayHttpProtocol`` is uvicorn's httptools protocol
+    with the head limits, head and idle deadlines and the connection cap
+    (``gateway/server.py``); uvicorn's ``--timeout-keep-alive`` (5 s) is its idle deadline.
+    The README's production command and the Dockerfile use the same flags.
     """
     return [
         sys.executable,
@@ -35,7 +43,7 @@ def server_command(host: str, port: int, workers: int = 1, *extra: str) -> list[
         "--loop",
         "uvloop",
         "--http",
-        "httptools",
+        HTTP_PROTOCOL,
         "--no-access-log",
         "--no-proxy-headers",
         "--log-level",
@@ -75,23 +83,33 @@ def check_production_auth() -> None:
         )
 
 
-#: Request header names and values together, and header lines, at most. uvicorn's httptools
-#: parser sets no limit of its own: larger requests get a 400 problem and reach neither a
-#: module nor Django.
+#: A request head (request line and headers) in bytes, and header lines, at most. The server
+#: protocol (``gateway/server.py``) answers 431 past either before buffering more and closes
+#: the connection; the check in ``HttpDispatcher`` (names and values) is the second line, for
+#: heads the protocol cannot measure exactly (pipelined in one read) and for servers run
+#: without it (the in-process test server runs h11).
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 100
+
+
+class HeadersTooLarge(InvalidRequest):
+    """431; the code stays ``invalid_request`` (SPEC §2 has no code of its own for it)."""
+
+    status, title = 431, "Request header fields too large"
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"The request head is larger than {MAX_HEADER_BYTES} bytes or has more than "
+            f"{MAX_HEADER_COUNT} header fields."
+        )
 
 
 async def refuse_oversized_headers(send: Send) -> None:
     from gateway import correlation
     from gateway.asgi_util import send_bytes
-    from gateway.problems import InvalidRequest
 
     cid = correlation.new_id()
-    error = InvalidRequest(
-        f"The request has more than {MAX_HEADER_COUNT} headers or {MAX_HEADER_BYTES} bytes of them."
-    )
-    status, headers, body = error.render(cid)
+    status, headers, body = HeadersTooLarge().render(cid)
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     await send_bytes(send, status, [*raw, (b"x-correlation-id", cid.encode())], body)
 

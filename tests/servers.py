@@ -429,10 +429,18 @@ def fresh_database_url(base_url: str | None, workdir: str) -> str:
 class GatewayProcess:
     """A real gateway: ``uvicorn vx11site.asgi:application`` in its own OS process."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 1) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        port: int | None = None,
+        workers: int = 1,
+        server_args: tuple[str, ...] = (),
+    ) -> None:
         self.port = port or free_port()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "VX11_LOG_LEVEL": "WARNING", **env}
         self.workers = workers
+        #: More uvicorn options, e.g. ``("--timeout-keep-alive", "1")``.
+        self.server_args = server_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="vx11-gw-", suffix=".log", delete=False)
 
@@ -454,7 +462,12 @@ class GatewayProcess:
 
         self.proc = subprocess.Popen(
             server_command(
-                "127.0.0.1", self.port, self.workers, "--timeout-graceful-shutdown", "2"
+                "127.0.0.1",
+                self.port,
+                self.workers,
+                "--timeout-graceful-shutdown",
+                "2",
+                *self.server_args,
             ),
             cwd=ROOT,
             env=self.env,

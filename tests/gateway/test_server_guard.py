@@ -1,0 +1,86 @@
+"""``gateway/server.py`` relies on uvicorn's httptools protocol internals: pin them.
+
+``GatewayHttpProtocol`` replaces ``data_received`` and ``on_response_complete`` with
+copies that differ only in the keep-alive timer, and hooks the parser callbacks around
+them. A uvicorn upgrade that changes any of these methods fails here, so the guard is
+reviewed (and the digest refreshed) instead of silently going stale. The behaviour
+itself is measured on a real process in ``tests/reliability/test_connection_limits.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+import httptools
+import uvicorn
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from gateway.server import GatewayHttpProtocol, Sweeper
+from gateway.startup import HTTP_PROTOCOL, server_command
+
+#: The HttpToolsProtocol methods the guard copies, wraps or depends on (uvicorn 0.54.0).
+RELIED_ON = (
+    "__init__",
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_message_complete",
+    "on_response_complete",
+    "handle_websocket_upgrade",
+    "send_400_response",
+    "shutdown",
+    "_unset_keepalive_if_required",
+)
+DIGEST = "a838be5ffff50b22fb2de2b30dc03de5068f1f3c2cb99648c41210b2e375e337"
+
+
+def test_uvicorn_is_the_version_the_guard_was_written_for():
+    assert uvicorn.__version__ == "0.54.0", (
+        "uvicorn changed: re-check gateway/server.py against its httptools_impl.py"
+    )
+    assert httptools.__version__.startswith("0.")
+
+
+def test_the_uvicorn_internals_the_guard_copies_are_unchanged():
+    digest = hashlib.sha256()
+    for name in RELIED_ON:
+        digest.update(inspect.getsource(getattr(HttpToolsProtocol, name)).encode())
+    assert digest.hexdigest() == DIGEST, (
+        "uvicorn's HttpToolsProtocol changed: port the change into GatewayHttpProtocol "
+        "(data_received -> _feed and on_response_complete are copies), then update DIGEST"
+    )
+    cycle_fields = inspect.signature(RequestResponseCycle.__init__).parameters
+    assert "on_response" in cycle_fields and hasattr(HttpToolsProtocol, "_start_asgi_task")
+
+
+def test_every_launcher_selects_the_guarded_protocol_by_import_string():
+    command = server_command("127.0.0.1", 8000)
+    assert command[command.index("--http") + 1] == HTTP_PROTOCOL
+    # uvicorn's Config.load resolves --http exactly like this (a name or an import string).
+    assert import_from_string(HTTP_PROTOCOLS.get(HTTP_PROTOCOL, HTTP_PROTOCOL)) is (
+        GatewayHttpProtocol
+    )
+    assert "--limit-concurrency" not in command  # it would refuse admitted connections
+
+
+def test_a_countdown_never_ends_before_its_time():
+    """Set just after a tick, a countdown of ``ticks_for(s)`` ends ≥ s and ≤ s + 2 ticks."""
+
+    class Loop:
+        def call_later(self, delay: float, callback: object) -> None:
+            pass
+
+        def is_closed(self) -> bool:
+            return False
+
+    sweeper = Sweeper(Loop(), keep_alive=5.0)  # type: ignore[arg-type]
+    for seconds in (0.1, 1.0, 5.0, 10.0, 2.5):
+        ticks = sweeper.ticks_for(seconds)
+        earliest = (ticks - 1) * sweeper.tick  # set right before a tick: that tick counts
+        assert seconds <= earliest + 1e-9
+        assert ticks * sweeper.tick <= seconds + 2 * sweeper.tick + 1e-9
