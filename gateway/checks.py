@@ -68,3 +68,19 @@ def gateway_checks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     return messages
+
+
+@register("vx11", deploy=True)
+def gateway_deploy_checks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``manage.py check --deploy``: TLS-proxy settings that disagree with each other."""
+    if settings.SECURE_PROXY_SSL_HEADER and not gw.trusted_proxies:
+        return [
+            Warning(
+                "SECURE_PROXY_SSL_HEADER is set (a TLS proxy in front) but VX11_TRUSTED_PROXIES "
+                "is empty: the proxy paths ignore X-Forwarded-For/-Proto, so every client shares "
+                "the proxy's address for per-IP limits and modules are told the socket scheme.",
+                id="gateway.W005",
+                hint="Set VX11_TRUSTED_PROXIES to the TLS proxy's CIDRs.",
+            )
+        ]
+    return []

@@ -9,6 +9,8 @@ error becomes a problem+json answer through ``gateway.problems``.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -16,10 +18,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_to_bytes
 
-from gateway import auth, correlation, metrics
+from gateway import auth, bodytimer, correlation, metrics
 from gateway.asgi_util import Message, Receive, Scope, Send, send_bytes
 from gateway.conf import gw
-from gateway.headers import DROP_DOWNSTREAM, DROP_UPSTREAM, client_ip, connection_listed
+from gateway.headers import (
+    DROP_DOWNSTREAM,
+    DROP_UPSTREAM,
+    OWNED_PREFIXES,
+    RequestHead,
+    client_ip,
+    forwarded_proto,
+    host_allowed,
+    listed_names,
+    sets_gateway_cookie,
+    strip_gateway_cookies,
+)
 from gateway.modules import ModuleInfo
 from gateway.problems import (
     AuthRequired,
@@ -29,6 +42,7 @@ from gateway.problems import (
     InvalidRequest,
     MethodNotAllowed,
     PayloadTooLarge,
+    RequestTimeout,
     ShubUnavailable,
     UnknownIntent,
     UpstreamUnavailable,
@@ -40,11 +54,20 @@ from gateway.validation import INTENT_RE
 log = logging.getLogger("gateway.proxy")
 INTENT_PREFIX = "/vx11/route/"
 SHUB_PREFIX = "/shub"
+SHUB_SLASH = "/shub/"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+_HIDDEN = frozenset({"", ".", ".."})  # what a segment's part before ';' must not be
+_HEALTH_METHODS = frozenset({"GET", "HEAD"})
+_BODYLESS = (204, 304)  # statuses that never carry Content-Length downstream
 
 
 class ClientGone(Exception):
     """The client disconnected before the gateway finished reading its request."""
+
+
+#: The status counted (metrics, access log) for a client that left before its answer was
+#: complete, as nginx logs it: never a module failure, never an answer anyone received.
+CLIENT_CLOSED = 499
 
 
 @dataclass(slots=True)
@@ -76,6 +99,9 @@ class Call:
     client_gone: bool = False
     upstream_seconds: float | None = None
     status: int = 0
+    head: RequestHead | None = None  # the headers read in one pass (ProxyApp.__call__)
+    forwarded_host: str = ""  # the validated Host
+    forwarded_proto: str = "http"
 
     @property
     def upstream_path_key(self) -> str:
@@ -98,35 +124,52 @@ class Call:
         return ShubUnavailable if self.kind == "shub" else UpstreamUnavailable
 
     def upstream_headers(self) -> list[tuple[str, str]]:
-        """The client's headers minus hop-by-hop and gateway credentials, plus ours."""
+        """The client's headers minus hop-by-hop and gateway credentials, plus ours.
+
+        One pass: the gateway's session and CSRF cookies are taken out of ``Cookie``
+        (several lines become one, as RFC 9113 §8.2.3 joins them for HTTP/1.1).
+        """
         raw: list[tuple[bytes, bytes]] = self.scope["headers"]
-        listed = connection_listed(raw)
+        listed = self.head.listed() if self.head is not None else _NONE
         out: list[tuple[str, str]] = []
         traceparent = tracestate = None
+        cookies: list[bytes] | None = None
         for name, value in raw:
             lname = name.lower()
-            if lname == b"traceparent":
-                traceparent = value.decode("latin-1")
-            elif lname == b"tracestate":
-                tracestate = value.decode("latin-1")
             if lname in DROP_UPSTREAM or lname in listed:
+                if lname == b"traceparent":
+                    traceparent = value.decode("latin-1")
+                elif lname == b"tracestate":
+                    tracestate = value.decode("latin-1")
+                continue
+            if lname == b"cookie":
+                if cookies is None:
+                    cookies = [value]
+                else:
+                    cookies.append(value)
                 continue
             if lname == b"authorization" and self.drop_authorization:
                 continue
             out.append((name.decode("latin-1"), value.decode("latin-1")))
+        if cookies is not None:
+            kept = strip_gateway_cookies(cookies)
+            if kept is not None:
+                out.append(("cookie", kept.decode("latin-1")))
         if correlation.valid_traceparent(traceparent):
             out.append(("traceparent", traceparent or ""))
             if correlation.valid_tracestate(tracestate):
                 out.append(("tracestate", tracestate or ""))
-        host = _first(raw, b"host") or ""
         out += [
             ("X-Correlation-ID", self.correlation_id),
             ("X-Forwarded-For", self.forwarded_for),
-            ("X-Forwarded-Proto", str(self.scope.get("scheme", "http"))),
-            ("X-Forwarded-Host", host),
+            ("X-Forwarded-Proto", self.forwarded_proto),
+            ("X-Forwarded-Host", self.forwarded_host),
             ("X-Forwarded-By", "vx11-gateway"),
         ]
         return out
+
+
+_NONE: frozenset[bytes] = frozenset()
 
 
 def _first(raw: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -136,12 +179,35 @@ def _first(raw: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
-async def read_body(call: Call, receive: Receive) -> AsyncIterator[bytes]:
-    """Stream the request body, enforcing ``VX11_MAX_BODY_BYTES`` as it arrives."""
+async def read_body(call: Call, receive: Receive, first: bytes = b"") -> AsyncIterator[bytes]:
+    """Stream the request body (after ``first``, already received), enforcing
+    ``VX11_MAX_BODY_BYTES`` and ``VX11_CLIENT_BODY_TIMEOUT`` as it arrives.
+
+    The timeout runs only while waiting for the client: a body message with at least
+    one byte restarts it; the time the consumer (an upstream that reads slowly) takes
+    between two chunks is not the client's.
+    """
     limit = int(gw.max_body_bytes)
-    size = 0
+    watch = bodytimer.waits()
+    waiting = watch.waiting
+    size = len(first)
+    if first:
+        yield first
+    deadline = watch.deadline()
     while True:
-        message = await receive()
+        task = asyncio.current_task()  # whichever task iterates: aiohttp's writer, or ours
+        assert task is not None
+        waiting[task] = deadline
+        if watch.handle is None:
+            watch.arm()
+        try:
+            message = await receive()
+        except asyncio.CancelledError:
+            if watch.expired(task):
+                raise _stalled(call) from None
+            raise
+        finally:
+            waiting.pop(task, None)
         if message["type"] == "http.disconnect":
             call.client_gone = True
             raise ClientGone()
@@ -152,15 +218,37 @@ async def read_body(call: Call, receive: Receive) -> AsyncIterator[bytes]:
             raise call.body_error
         if chunk:
             yield chunk
+            deadline = watch.deadline()  # from now: the consumer's time is not the client's
         if not message.get("more_body", False):
             call.body_complete = True
             return
 
 
+def _stalled(call: Call) -> RequestTimeout:
+    call.body_error = RequestTimeout(
+        f"The request body made no progress for {float(gw.client_body_timeout):g} s."
+    )
+    return call.body_error
+
+
 async def read_small(call: Call, receive: Receive) -> bytes | AsyncIterator[bytes]:
     """The body as bytes when it arrives in one message (the common small JSON case:
     cheaper to send than a stream), else a stream that starts with what was read."""
-    first = await receive()
+    watch = bodytimer.waits()
+    task = asyncio.current_task()
+    assert task is not None
+    waiting = watch.waiting
+    waiting[task] = watch.deadline()
+    if watch.handle is None:
+        watch.arm()
+    try:
+        first = await receive()
+    except asyncio.CancelledError:
+        if watch.expired(task):
+            raise _stalled(call) from None
+        raise
+    finally:
+        waiting.pop(task, None)
     if first["type"] == "http.disconnect":
         call.client_gone = True
         raise ClientGone()
@@ -170,19 +258,7 @@ async def read_small(call: Call, receive: Receive) -> bytes | AsyncIterator[byte
         raise call.body_error
     if not first.get("more_body", False):
         return chunk
-    return _chain(chunk, call, receive)
-
-
-async def _chain(first: bytes, call: Call, receive: Receive) -> AsyncIterator[bytes]:
-    limit = int(gw.max_body_bytes)
-    size = len(first)
-    yield first
-    async for chunk in read_body(call, receive):
-        size += len(chunk)
-        if size > limit:
-            call.body_error = PayloadTooLarge(f"The request body exceeds {limit} bytes.")
-            raise call.body_error
-        yield chunk
+    return read_body(call, receive, chunk)
 
 
 async def read_all(call: Call, receive: Receive) -> bytes:
@@ -191,7 +267,10 @@ async def read_all(call: Call, receive: Receive) -> bytes:
 
 
 def declared_length(scope: Scope) -> int | None:
-    value = _first(scope["headers"], b"content-length")
+    return parse_length(_first(scope["headers"], b"content-length"))
+
+
+def parse_length(value: str | None) -> int | None:
     if value is None:
         return None
     try:
@@ -226,7 +305,18 @@ def check_shub_path(raw_path: str) -> str:
             raise InvalidRequest("The path is not valid UTF-8 once percent-decoded.") from None
         if _CONTROL.search(form):
             raise InvalidRequest("The path contains control characters or backslashes.")
-        if ".." in form.split("/") or "." in form.split("/") or "//" in form:
+        segments = form.split("/")
+        if (
+            ".." in segments
+            or "." in segments
+            or "//" in form
+            or (
+                # Path parameters (``..;x=1``, ``.;``, ``;x``): Tomcat and Spring read the
+                # segment before the ``;``, so they hide dot or empty segments.
+                ";" in form
+                and any(";" in seg and seg.split(";", 1)[0] in _HIDDEN for seg in segments)
+            )
+        ):
             raise InvalidRequest(
                 "The path must not contain '.' or '..' segments or empty segments."
             )
@@ -245,10 +335,8 @@ class ProxyApp:
         self.pipeline = pipeline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = scope["headers"]
-        cid = correlation.pick(
-            _first(headers, b"x-correlation-id"), _first(headers, b"x-request-id")
-        )
+        head = RequestHead(scope["headers"])
+        cid = correlation.pick(head.correlation_id, head.request_id)
         token = correlation.current.set(cid)
         started = time.monotonic()
         sent = {"status": 0}
@@ -256,15 +344,25 @@ class ProxyApp:
 
         async def guarded_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                sent["status"] = message["status"]
+                status = sent["status"] = message["status"]
+                if status in _BODYLESS:
+                    # RFC 9110 §8.6: a 204 never has Content-Length, a 304's describes the
+                    # representation; the ASGI server would expect that many body bytes
+                    # (uvicorn raises and resets the kept-alive client connection).
+                    message["headers"] = [
+                        (k, v)
+                        for k, v in message.get("headers", ())
+                        if k.lower() != b"content-length"
+                    ]
             await send(message)
 
         try:
-            call = await self.build_call(scope, cid)
+            call = await self.build_call(scope, cid, head)
             await self.pipeline.handle(call, receive, guarded_send)
         except GatewayError as raised:
             if call is not None and call.client_gone:
                 log.info("client disconnected before sending its whole request")
+                sent["status"] = CLIENT_CLOSED
                 return
             exc = raised
             if call is not None and call.body_error is not None:
@@ -275,10 +373,12 @@ class ProxyApp:
                 log.warning("upstream failed mid-answer", extra={"error": exc.code})
         except ClientGone:
             log.info("client disconnected before sending its whole request")
+            sent["status"] = CLIENT_CLOSED
         except OSError:
             # The client went away while we were writing to it; the upstream
             # response was closed by the pipeline's finally blocks.
             log.info("client disconnected during the answer")
+            sent["status"] = CLIENT_CLOSED
         except Exception:
             log.exception("unexpected error in the proxy")
             if not sent["status"]:
@@ -299,26 +399,43 @@ class ProxyApp:
             raw.extend(call.response_headers)
         await send_bytes(send, status, raw, body)
 
-    async def build_call(self, scope: Scope, cid: str) -> Call:
+    async def build_call(self, scope: Scope, cid: str, head: RequestHead) -> Call:
+        host = self._host(scope, head)
         path: str = scope["path"]
         raw_path = scope.get("raw_path")
         snapshot = await holder.current()
         method = scope["method"]
         if path.startswith(INTENT_PREFIX):
-            return self._intent_call(scope, cid, snapshot, method, path)
-        return self._shub_call(
-            scope, cid, snapshot, method, raw_path.decode("latin-1") if raw_path else path
-        )
+            call = self._intent_call(scope, head, cid, snapshot, method, path)
+        else:
+            call = self._shub_call(
+                scope, head, cid, snapshot, method, raw_path.decode("latin-1") if raw_path else path
+            )
+        call.forwarded_host = host
+        return call
+
+    @staticmethod
+    def _host(scope: Scope, head: RequestHead) -> str:
+        """The Host, checked against ``ALLOWED_HOSTS`` as Django's ``get_host`` checks it."""
+        if head.hosts > 1:
+            raise InvalidRequest("The request has more than one Host header.")
+        host = head.host
+        if host is None:  # HTTP/1.0 without Host: the server's address, as Django uses it
+            server = scope.get("server") or ("", None)
+            host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
+        if not host_allowed(host):
+            raise InvalidRequest("The Host header names a host this gateway does not serve.")
+        return host
 
     def _intent_call(
-        self, scope: Scope, cid: str, snapshot: Snapshot, method: str, path: str
+        self, scope: Scope, head: RequestHead, cid: str, snapshot: Snapshot, method: str, path: str
     ) -> Call:
         intent = path[len(INTENT_PREFIX) :].rstrip("/")
         route = snapshot.routes.get(intent) if INTENT_RE.match(intent) else None
         if route is not None and not route.enabled:
             route = None
         principal = self._authenticate(
-            scope, snapshot, required=route is None or route.auth_required
+            head, snapshot, required=route is None or route.auth_required
         )
         if route is None:
             raise UnknownIntent(f"No route for intent {intent[:40]!r}.", intent=intent[:40])
@@ -331,6 +448,7 @@ class ProxyApp:
             )
         return self._call(
             scope,
+            head,
             cid,
             snapshot,
             "intent",
@@ -345,9 +463,20 @@ class ProxyApp:
         )
 
     def _shub_call(
-        self, scope: Scope, cid: str, snapshot: Snapshot, method: str, raw_path: str
+        self,
+        scope: Scope,
+        head: RequestHead,
+        cid: str,
+        snapshot: Snapshot,
+        method: str,
+        raw_path: str,
     ) -> Call:
         raw_path = raw_path.split("?", 1)[0]
+        if not (raw_path.startswith(SHUB_SLASH) or raw_path == SHUB_PREFIX):
+            # The path only decodes to /shub (``/%73hub/x``): the prefix is strippable, the
+            # public paths recognisable and the cache key comparable only in the raw form
+            # every client sends, so a re-encoded prefix is refused, not guessed at.
+            raise InvalidRequest("The /shub prefix must not be percent-encoded.")
         check_shub_path(raw_path)
         public = raw_path in gw.shub_public_paths
         principal = auth.ANONYMOUS
@@ -355,16 +484,18 @@ class ProxyApp:
             # Protected /shub paths take the gateway token; the client token (if any)
             # still names the caller for rate limits.
             if gw.auth_enabled:
-                ok = auth.check_gateway_token(_first(scope["headers"], b"x-vx11-gw-token"))
+                ok = auth.check_gateway_token(head.gw_token)
                 if ok is None:
                     raise AuthRequired(
                         "Send the gateway token in X-VX11-GW-Token.", realm="vx11-gateway"
                     )
                 if not ok:
                     raise Forbidden("The gateway token is not valid.")
-                principal = self._authenticate(scope, snapshot, required=False)
+                principal = self._authenticate(head, snapshot, required=False)
                 if not principal.authenticated:
-                    principal = auth.Principal("gateway", "gw:" + _gw_id(scope), "gateway", False)
+                    principal = auth.Principal(
+                        "gateway", "gw:" + _gw_id(head.gw_token), "gateway", False
+                    )
             else:
                 principal = auth.AUTH_DISABLED
         module = snapshot.modules.get("shub")
@@ -373,9 +504,14 @@ class ProxyApp:
         upstream_path = raw_path
         if gw.shub_strip_prefix:
             upstream_path = raw_path[len(SHUB_PREFIX) :] or "/"
-        priority = "health" if raw_path in ("/shub/health", "/shub/ready") else "other"
+        priority = (
+            "health"
+            if method in _HEALTH_METHODS and raw_path in ("/shub/health", "/shub/ready")
+            else "other"
+        )
         return self._call(
             scope,
+            head,
             cid,
             snapshot,
             "shub",
@@ -392,6 +528,7 @@ class ProxyApp:
     def _call(
         self,
         scope: Scope,
+        head: RequestHead,
         cid: str,
         snapshot: Snapshot,
         kind: str,
@@ -405,10 +542,9 @@ class ProxyApp:
         protected: bool,
     ) -> Call:
         peer = (scope.get("client") or ("127.0.0.1", 0))[0]
-        ip, forwarded = client_ip(
-            peer, _first(scope["headers"], b"x-forwarded-for"), list(gw.trusted_proxies)
-        )
-        length = declared_length(scope)
+        trusted = tuple(gw.trusted_proxies)
+        ip, forwarded = client_ip(peer, head.forwarded_for_list(), trusted)
+        length = parse_length(head.content_length)
         if length is not None and length > int(gw.max_body_bytes):
             raise PayloadTooLarge(f"The request body exceeds {gw.max_body_bytes} bytes.")
         call = Call(
@@ -429,14 +565,17 @@ class ProxyApp:
             snapshot,
         )
         call.deadline = call.started + timeout
-        call.drop_authorization = self._authorization_is_gateway_credential(scope, snapshot)
+        call.drop_authorization = self._authorization_is_gateway_credential(head, snapshot)
+        call.head = head
+        call.forwarded_proto = forwarded_proto(
+            str(scope.get("scheme", "http")), head.forwarded_proto, peer, trusted
+        )
         return call
 
-    def _authenticate(self, scope: Scope, snapshot: Snapshot, *, required: bool) -> auth.Principal:
-        headers = scope["headers"]
-        token = auth.client_token(
-            _first(headers, b"x-vx11-token"), _first(headers, b"authorization")
-        )
+    def _authenticate(
+        self, head: RequestHead, snapshot: Snapshot, *, required: bool
+    ) -> auth.Principal:
+        token = auth.client_token(head.token, head.authorization)
         if not gw.auth_enabled:
             return auth.AUTH_DISABLED
         if token is None:
@@ -451,12 +590,11 @@ class ProxyApp:
         return principal
 
     @staticmethod
-    def _authorization_is_gateway_credential(scope: Scope, snapshot: Snapshot) -> bool:
-        headers = scope["headers"]
-        token = auth.bearer(_first(headers, b"authorization"))
+    def _authorization_is_gateway_credential(head: RequestHead, snapshot: Snapshot) -> bool:
+        token = auth.bearer(head.authorization)
         if token is None:
             return False
-        if _first(headers, b"x-vx11-token") is None:
+        if head.token is None:
             return True  # it was the channel the gateway read its credential from
         return auth.authenticate(token, snapshot) is not None
 
@@ -485,24 +623,33 @@ def record(scope: Scope, call: Call | None, status: int, seconds: float) -> None
         )
 
 
-def _gw_id(scope: Scope) -> str:
-    import hashlib
-
-    token = _first(scope["headers"], b"x-vx11-gw-token") or ""
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
+def _gw_id(token: str | None) -> str:
+    return hashlib.sha256((token or "").encode()).hexdigest()[:16]
 
 
 def response_headers(
     call: Call,
     upstream_headers: list[tuple[bytes, bytes]],
 ) -> list[tuple[bytes, bytes]]:
-    """Upstream headers minus hop-by-hop, plus the gateway's own."""
-    listed = connection_listed(upstream_headers)
-    out = [
-        (k.lower(), v)
-        for k, v in upstream_headers
-        if k.lower() not in DROP_DOWNSTREAM and k.lower() not in listed
-    ]
+    """Upstream headers minus hop-by-hop and the gateway's own, then the gateway's values.
+
+    One test per header (a set, then a tuple of prefixes); ``Connection``-listed names
+    and ``Set-Cookie`` for the gateway's session or CSRF cookie are the rare extra work.
+    """
+    out: list[tuple[bytes, bytes]] = []
+    connection: list[bytes] | None = None
+    for k, v in upstream_headers:
+        lk = k.lower()
+        if lk in DROP_DOWNSTREAM or lk.startswith(OWNED_PREFIXES):
+            if lk == b"connection":
+                connection = [v] if connection is None else [*connection, v]
+            continue
+        if lk == b"set-cookie" and sets_gateway_cookie(v):
+            continue
+        out.append((lk, v))
+    if connection is not None:
+        listed = listed_names(connection)
+        out = [(k, v) for k, v in out if k not in listed]
     out.append((b"x-correlation-id", call.correlation_id.encode()))
     if call.route is not None:
         out.append((b"x-vx11-intent", call.route.intent.encode()))

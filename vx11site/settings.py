@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 import django_stubs_ext
 
-from vx11site.env import env_bool, env_list, env_str
+from vx11site.env import env_bool, env_int, env_list, env_str
 
 django_stubs_ext.monkeypatch()  # admin.ModelAdmin[Model] etc. at run time
 
@@ -171,6 +171,24 @@ STORAGES = {
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+# TLS behind a terminating proxy (docs/DEPLOYMENT.md, "TLS and hosts"). Django's pages
+# (admin, API, docs) read these through SecurityMiddleware; the proxy paths apply
+# ALLOWED_HOSTS themselves and believe X-Forwarded-Proto only from VX11_TRUSTED_PROXIES.
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+# Django believes this header from every peer: the TLS proxy must set (overwrite) it.
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https")
+    if env_bool("DJANGO_SECURE_PROXY_SSL_HEADER", False)
+    else None
+)
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+# Probes and scrapers call the process directly over plain HTTP: never redirected.
+SECURE_REDIRECT_EXEMPT = env_list(
+    "DJANGO_SECURE_REDIRECT_EXEMPT", [r"^health$", r"^ready$", r"^metrics$"]
+)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

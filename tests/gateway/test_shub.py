@@ -172,6 +172,16 @@ TRAVERSALS = [
     "/shub/files%2500.json",
     "/shub/%2525252e%2525252e/admin",
     "/shub//etc/passwd",
+    # path parameters hiding dot or empty segments (Tomcat and Spring read "..;x" as "..")
+    "/shub/..;/admin",
+    "/shub/files/..;x=1/admin",
+    "/shub/files/.;/secret",
+    "/shub/%2e%2e;/admin",
+    "/shub/files/..%3b/admin",
+    "/shub/files/;x/admin",
+    # the prefix itself percent-encoded: refused, never stripped by five raw characters
+    "/%73hub/files/1",
+    "/%73hub/health",
 ]
 
 
