@@ -5,7 +5,8 @@
 
 Each step is a plain async function over a :class:`~gateway.proxy.Call`; the
 policies themselves live in ``gateway.policies`` and are reached through
-:mod:`gateway.services`. Errors are raised as ``gateway.problems`` exceptions and
+:mod:`gateway.services`. Reading and writing the answer, and recording the attempt's
+breaker outcome once its body is known, is :mod:`gateway.answer`. Errors are raised as ``gateway.problems`` exceptions and
 rendered in one place (``ProxyApp``).
 """
 
@@ -15,6 +16,7 @@ import asyncio
 import time
 
 from gateway import metrics, services, upstream
+from gateway.answer import read_answer, send_buffered, stream_response
 from gateway.asgi_util import Receive, Send
 from gateway.auth import Principal
 from gateway.conf import gw
@@ -32,7 +34,7 @@ from gateway.problems import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.proxy import Call, declared_length, read_all, read_small, response_headers
+from gateway.proxy import Call, ClientGone, declared_length, read_all, read_small
 from gateway.upstream import Body, UpstreamResponse
 
 CACHED_PATHS = frozenset({"/shub/health", "/shub/ready"})
@@ -41,8 +43,6 @@ CACHED_HEADERS = frozenset(
 )
 HEALTH_BODY_LIMIT = 1024 * 1024
 REPLAY_LIMIT = 1024 * 1024  # bytes of request body kept in memory to allow retries
-#: Sized answers up to this many bytes are read whole and written in one message.
-SMALL_ANSWER = 64 * 1024
 
 
 def replay_fits(call: Call) -> bool:
@@ -94,8 +94,8 @@ async def handle(call: Call, receive: Receive, send: Send) -> None:
     if body is None or isinstance(body, bytes):
         call.body_complete = True
     async with slot(call, svc):
-        response = await forward(call, body, svc, permit)
-        await stream_response(call, response, send, receive)
+        response, permit = await forward(call, body, svc, permit)
+        await stream_response(call, response, send, receive, svc, permit)
 
 
 # --------------------------------------------------------------------------- rate limits
@@ -196,11 +196,22 @@ def retryable(call: Call) -> bool:
 
 async def forward(
     call: Call, body: Body, svc: services.Services, first_permit: Permit | None = None
-) -> UpstreamResponse:
+) -> tuple[UpstreamResponse, Permit]:
     """The upstream exchange through breaker and retries; the answer's body is not read yet.
 
     ``first_permit``: the breaker's answer for the first attempt, when the admission step
     already obtained it.
+
+    Returns the answer and the permit of its attempt, whose outcome is **not** recorded
+    yet: the caller records it once, with :func:`settle`, when the body has been read
+    (a body that breaks off is a failure), or gives it back with ``breaker.release``
+    (the client left). An attempt that failed or is retried is recorded here.
+
+    What the client does is never the module's failure: an upstream call that failed
+    because the client left mid-upload, sent too much or stopped sending
+    (``call.client_gone`` / ``call.body_error``), or that was refused before a byte
+    went out (:class:`InvalidRequest`), gives its permit back without an outcome and
+    is not retried.
     """
     headers = call.upstream_headers()
     if isinstance(body, bytes):
@@ -223,6 +234,7 @@ async def forward(
             started = time.monotonic()
             remaining = call.deadline - started
             if remaining <= 0:
+                await breaker.release(module, permit)
                 raise UpstreamTimeout("The route's deadline passed before the module answered.")
             error: GatewayError | None = None
             response: UpstreamResponse | None = None
@@ -238,7 +250,34 @@ async def forward(
                 )
             except (UpstreamUnavailable, UpstreamTimeout, BadGateway) as exc:
                 error = exc
+            except (GatewayError, ClientGone):  # InvalidRequest: nothing was sent
+                await breaker.release(module, permit)
+                raise
             call.upstream_seconds = time.monotonic() - started
+            if holding_retry:
+                budget.release_retry(module)
+                holding_retry = False
+            if error is not None and (call.client_gone or call.body_error is not None):
+                await breaker.release(module, permit)
+                raise error  # rendered as the body's own error (or not at all: 499)
+            retry_worthy = isinstance(error, UpstreamUnavailable) or (
+                response is not None and response.status in RETRY_STATUSES
+            )
+            delay = None
+            if can_retry and retry_worthy and call.attempts <= int(gw.retry_max):
+                delay = next_delay(
+                    call.attempts,
+                    response.header("Retry-After") if response else None,
+                    call.deadline,
+                    time.monotonic(),
+                    wall_now=time.time(),
+                )
+                if delay is not None and budget.try_acquire_retry(module):
+                    holding_retry = True
+                else:
+                    delay = None
+            if response is not None and delay is None:
+                return response, permit  # recorded once its body is read (settle)
             await breaker.record(
                 module,
                 status=None if response is None else response.status,
@@ -246,25 +285,9 @@ async def forward(
                 probe_id=permit.probe_id,
                 permit=permit,
             )
-            if holding_retry:
-                budget.release_retry(module)
-                holding_retry = False
-            retry_worthy = isinstance(error, UpstreamUnavailable) or (
-                response is not None and response.status in RETRY_STATUSES
-            )
-            if not (can_retry and retry_worthy and call.attempts <= int(gw.retry_max)):
-                break
-            now = time.monotonic()
-            delay = next_delay(
-                call.attempts,
-                response.header("Retry-After") if response else None,
-                call.deadline,
-                now,
-                wall_now=time.time(),
-            )
-            if delay is None or not budget.try_acquire_retry(module):
-                break
-            holding_retry = True
+            if delay is None:
+                assert error is not None
+                raise error
             if response is not None:
                 response.close()
             metrics.retry(module)
@@ -272,124 +295,6 @@ async def forward(
     finally:
         if holding_retry:
             budget.release_retry(module)
-    if error is not None:
-        raise error
-    assert response is not None
-    return response
-
-
-class ClientDisconnected(ConnectionResetError):
-    """The client hung up while its answer was being streamed."""
-
-
-class ClientWatch:
-    """Cancels the streaming task when the client hangs up.
-
-    uvicorn drops ``send`` calls for a gone client silently, so without this a streamed
-    answer would be read from the module to its end, holding the upstream connection
-    and a backpressure slot for up to the route's timeout. The client's departure
-    shows as ``http.disconnect`` on ``receive``, which may only be awaited once the
-    request body has been read.
-    """
-
-    __slots__ = ("done", "fired", "task", "watcher")
-
-    def __init__(self, receive: Receive) -> None:
-        self.task = asyncio.current_task()
-        self.done = False  # set before the last send: a finished answer reads as a disconnect
-        self.fired = False
-        self.watcher = asyncio.create_task(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not self.done and self.task is not None:
-            self.fired = True
-            self.task.cancel()
-
-    def stop(self) -> None:
-        self.watcher.cancel()
-
-
-async def stream_response(
-    call: Call, response: UpstreamResponse, send: Send, receive: Receive | None = None
-) -> None:
-    # Only answers that may run long are watched (a task per request costs CPU): streaming
-    # routes and answers of unknown length (chunked, SSE). A sized answer is written out at
-    # once and uvicorn drops what a gone client no longer reads.
-    watch = (
-        ClientWatch(receive)
-        if receive is not None
-        and call.body_complete
-        and (
-            (call.route is not None and call.route.streaming)
-            or response.header("Content-Length") is None
-        )
-        else None
-    )
-    if watch is None and not (call.route is not None and call.route.streaming):
-        size = response.content_length()
-        if size is not None and size <= SMALL_ANSWER:
-            await send_small(call, response, send)
-            return
-    finished = False
-    try:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": response_headers(call, response.headers),
-            }
-        )
-        async for chunk in response.iter_chunks():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        if watch is not None:
-            watch.done = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finished = True
-        response.release()
-    except asyncio.CancelledError:
-        if watch is None or not watch.fired or watch.task is None:
-            raise
-        watch.task.uncancel()
-        call.client_gone = True
-        raise ClientDisconnected("the client disconnected during the answer") from None
-    finally:
-        if watch is not None:
-            watch.stop()
-        if not finished:
-            response.close()  # closes the module's connection: its request is cancelled
-
-
-async def send_small(call: Call, response: UpstreamResponse, send: Send) -> None:
-    """A sized answer of at most ``SMALL_ANSWER`` bytes: read whole, then written at once.
-
-    Cheaper than streaming (two ASGI messages instead of three, no async iteration), and
-    an answer that breaks off is a clean 502 instead of a truncated 200.
-    """
-    try:
-        body = await response.read_sized()
-    except BaseException:
-        response.close()
-        raise
-    response.release()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status,
-            "headers": response_headers(call, response.headers),
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def send_buffered(
-    call: Call, send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
-) -> None:
-    out = [(k, v) for k, v in response_headers(call, headers) if k != b"content-length"]
-    out.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": out})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 # --------------------------------------------------------------------------- health cache
@@ -398,19 +303,14 @@ async def send_buffered(
 async def serve_cached(call: Call, svc: services.Services, send: Send) -> None:
     """GET /shub/health and /shub/ready: 2xx answers shared for VX11_CACHE_TTL_HEALTH s."""
     ttl = float(gw.cache_ttl_health)
-    key = (
-        "shub:"
-        + call.upstream_path_key
-        + ("?" + call.query.decode("latin-1") if call.query else "")
-    )
+    # The query string is not part of the key (nginx's ``proxy_cache_key`` without
+    # ``$args``): anonymous callers cannot miss the cache at will with ``?1``, ``?2``…
+    key = "shub:" + call.upstream_path_key
 
     async def fetch() -> CachedResponse:
         async with slot(call, svc):
-            response = await forward(call, None, svc)
-            try:
-                body = await response.read(HEALTH_BODY_LIMIT)
-            finally:
-                response.close()
+            response, permit = await forward(call, None, svc)
+            body = await read_answer(call, svc, response, permit, HEALTH_BODY_LIMIT)
         headers = tuple(
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in response.headers
@@ -452,11 +352,8 @@ async def serve_context7(call: Call, svc: services.Services, receive: Receive, s
     turn = await enrich.begin(call.principal.id, raw, _header(call, b"x-vx11-session"))
     call.response_headers.append((b"x-vx11-session", turn.session_id.encode()))
     async with slot(call, svc):
-        response = await forward(call, turn.body, svc)
-        try:
-            body = await response.read(int(gw.max_body_bytes))
-        finally:
-            response.close()
+        response, permit = await forward(call, turn.body, svc)
+        body = await read_answer(call, svc, response, permit, int(gw.max_body_bytes))
     content_type = response.header("Content-Type")
     body = await enrich.finish(turn, response.status, content_type, body)
     await send_buffered(call, send, response.status, response.headers, body)

@@ -91,6 +91,19 @@ class PayloadTooLarge(GatewayError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 
 
+class RequestTimeout(GatewayError):
+    """The client stopped sending its request body (``VX11_CLIENT_BODY_TIMEOUT``).
+
+    The connection is closed after the answer, as nginx does for ``client_body_timeout``:
+    the rest of a half-sent body must not be read as the next request.
+    """
+
+    status, code, title = 408, "request_timeout", "Request timeout"
+
+    def __init__(self, detail: str = "", **extra: Any) -> None:
+        super().__init__(detail, headers={"Connection": "close"}, **extra)
+
+
 class TooManyRequests(GatewayError):
     status, code, title = 429, "too_many_requests", "Too many requests"
 

@@ -151,6 +151,8 @@ class BreakerBackend(Protocol):
         self, module: str, cfg: BreakerConfig, now: float
     ) -> Transition | None: ...
 
+    async def release(self, module: str, probe_id: str) -> None: ...
+
 
 _ALLOW_CLOSED = Permit(True, CLOSED, 0.0, None)
 _CLEAN_CLOSED = Permit(True, CLOSED, 0.0, None, clean=True)
@@ -339,6 +341,11 @@ class MemoryBreakerBackend:
         s.probes.clear()
         return Transition(module, OPEN, HALF_OPEN, "health_check", now)
 
+    async def release(self, module: str, probe_id: str) -> None:
+        s = self._states.get(module)
+        if s is not None:
+            s.probes.pop(probe_id, None)
+
 
 # --------------------------------------------------------------------------- redis
 
@@ -472,6 +479,8 @@ redis.call('HSET', KEYS[1], 'state', 'half_open', 'successes', 0)
 redis.call('DEL', KEYS[2])
 return 1
 """)
+
+_RELEASE = Script("return redis.call('ZREM', KEYS[1], ARGV[1])")
 
 _STATUS_FIELDS = ("state", "failures", "last_failure", "opened_at", "forced")
 
@@ -614,6 +623,9 @@ class RedisBreakerBackend:
         moved = await self.scripts.run_script(_HEALTHY, self._keys(module)[:2], [])
         return Transition(module, OPEN, HALF_OPEN, "health_check", now) if int(moved) else None
 
+    async def release(self, module: str, probe_id: str) -> None:
+        await self.scripts.run_script(_RELEASE, self._keys(module)[1:2], [probe_id])
+
 
 # --------------------------------------------------------------------------- fallback
 
@@ -694,6 +706,9 @@ class FallbackBreakerBackend:
     async def mark_healthy(self, module: str, cfg: BreakerConfig, now: float) -> Transition | None:
         return await self._call(lambda b: b.mark_healthy(module, cfg, now))
 
+    async def release(self, module: str, probe_id: str) -> None:
+        await self._call(lambda b: b.release(module, probe_id))
+
 
 # --------------------------------------------------------------------------- facade
 
@@ -750,6 +765,13 @@ class CircuitBreaker:
         self.emit(
             await self.backend.record(module, cfg, self.clock(), failure=failure, probe_id=probe_id)
         )
+
+    async def release(self, module: str, permit: Permit) -> None:
+        """Give a permit back without an outcome: the call says nothing about the module
+        (the client left, or the request was refused before a byte was sent). A half-open
+        probe slot is freed at once instead of when its lease expires."""
+        if self.enabled and permit.probe_id:
+            await self.backend.release(module, permit.probe_id)
 
     async def status(self, module: str) -> BreakerStatus:
         return await self.backend.status(module, self.config_for(module), self.clock())

@@ -8,8 +8,9 @@
 - An upstream ``Retry-After`` wins when it asks for longer. Every attempt must start before the
   one overall deadline, so retries never stretch a route's timeout.
 - ``RetryBudget`` caps retries in flight at ``max(min_retries, ratio * recent requests)`` per
-  module, per process, as Envoy's retry budget does: when a module is down, retries stay a
-  fraction of the traffic instead of multiplying it.
+  module, per process, as Envoy's retry budget does (``budget_percent``,
+  ``min_retry_concurrency``): when a module is down, retries stay a fraction of the traffic
+  instead of multiplying it, and a quiet gateway can always have ``min_retries`` in flight.
 """
 
 from __future__ import annotations
@@ -95,10 +96,13 @@ def next_delay(
 class RetryBudget:
     """Per-module cap on retries, relative to recent requests (per process).
 
-    Two limits, both ``max(min_retries, ratio × requests in the window)``: retries
-    in flight, and retries started within the window. The second one is what keeps
-    an outage from being multiplied: however long it lasts, upstream sees at most
-    ``1 + ratio`` attempts per request (plus ``min_retries`` per window).
+    A retry is granted when fewer than ``min_retries`` retries are in flight (the
+    floor, Envoy's ``min_retry_concurrency``: a quiet gateway can always retry, however
+    many retries it made a moment ago), or else when both retries in flight and retries
+    started within the window stay within ``ratio × requests in the window``. The
+    window cap is what keeps a busy outage from being multiplied: above the floor,
+    upstream sees at most ``1 + ratio`` attempts per request. Retries granted by the
+    floor count as started too, so they use up the ratio's share first.
 
     Requests are counted in ``BUCKETS`` time buckets over ``window`` seconds, so memory
     stays constant however busy a module is. Not thread-safe: one event loop owns it.
@@ -157,14 +161,16 @@ class RetryBudget:
     def try_acquire_retry(self, module: str) -> bool:
         """Take a retry slot; pair every True with ``release_retry`` when the retry ends."""
         inflight = self._inflight.get(module, 0)
-        limit = self.limit(module)
-        # Granted only if the budget still holds once this retry counts: 20 % of 99
-        # requests is 19 retries, not 20 (a fractional limit never rounds up).
-        if inflight + 1 > limit:
-            return False
-        started = sum(count for _, count in self._recent(module, self.clock(), self._retries))
-        if started + 1 > limit:
-            return False
+        if inflight >= self.min_retries:
+            now = self.clock()
+            limit = self.ratio * sum(count for _, count in self._recent(module, now))
+            # Granted only if the budget still holds once this retry counts: 20 % of 99
+            # requests is 19 retries, not 20 (a fractional limit never rounds up).
+            if inflight + 1 > limit:
+                return False
+            started = sum(count for _, count in self._recent(module, now, self._retries))
+            if started + 1 > limit:
+                return False
         self._inflight[module] = inflight + 1
         self._count(module, self._retries)
         return True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 
 import httpx
@@ -143,7 +145,10 @@ def test_upstream_retry_after_is_honoured(http, upstream):
 
 async def test_retry_budget_stops_a_retry_storm(gateway, upstream, gw_env):
     """40 concurrent GETs against a module that always answers 503, breaker off:
-    upstream sees at most 1.2x the requests plus the minimum budget."""
+    upstream sees at most 1.2x the requests plus what the floor allows (three retries in
+    flight at once; each request retries at most VX11_RETRY_MAX = 3 times).
+
+    Measured: 54 = 40 + 8 (20 %) + 3 + 3 (the floor, for the second and third retries)."""
     gw_env.set(VX11_CB_ENABLED="false")
     await sync_to_async(Route.objects.create)(intent="task", method="GET", timeout=10)
     upstream.respond("GET", "/switch/task", status=503)
@@ -152,7 +157,167 @@ async def test_retry_budget_stops_a_retry_storm(gateway, upstream, gw_env):
             *(client.post("/vx11/route/task", headers=H) for _ in range(40))
         )
     assert all(a.status_code == 503 for a in answers)
-    assert 40 < len(upstream.seen) <= 40 * 1.2 + 3
+    assert 40 < len(upstream.seen) <= 40 * 1.2 + 3 * 3
+
+
+def test_a_quiet_gateway_still_retries_after_earlier_retries(http, upstream):
+    """SPEC §7: the budget's minimum is three retries *in flight*, not three per window.
+
+    One request at a time against a module whose every other answer is a 503: each is
+    retried once and answered 200, the seventh as the first (before: from the fourth
+    on, the budget refused every retry until traffic grew, and the 503s opened the
+    breaker)."""
+    Route.objects.create(intent="task", method="GET")
+    state = {"n": 0}
+
+    async def alternating(request: web.Request) -> web.Response:
+        state["n"] += 1
+        if state["n"] % 2:
+            return web.json_response({"attempt": state["n"]}, status=503)
+        return web.json_response({"attempt": state["n"], "ok": True})
+
+    upstream.route("GET", "/switch/task", alternating)
+    answers = [http.post("/vx11/route/task", headers=H) for _ in range(7)]
+    assert [(a.status_code, a.headers["x-vx11-attempts"]) for a in answers] == [(200, "2")] * 7
+    assert len(upstream.seen) == 14
+
+
+# --------------------------------------------------------------------------- answers that break
+
+
+class RawUpstream:
+    """A module that answers every request with the same bytes, then closes.
+
+    Reads the request head and its ``Content-Length`` body first, so the gateway's
+    request is complete when the answer comes.
+    """
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.requests = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(body) < length:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    body += chunk
+                self.requests += 1
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def raw_upstream():
+    servers: list[RawUpstream] = []
+
+    def start(answer: bytes) -> RawUpstream:
+        server = RawUpstream(answer)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _exchange(port: int, data: bytes) -> bytes:
+    """Send one request on a raw socket; everything the gateway writes until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+TASK = (
+    b"POST /vx11/route/task HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    b"X-VX11-Token: " + OPERATOR_TOKEN.encode() + b"\r\nContent-Length: 2\r\n\r\n{}"
+)
+
+
+def test_a_small_answer_cut_short_is_a_clean_502_and_a_breaker_failure(
+    http, gateway, gw_env, raw_upstream
+):
+    module = raw_upstream(
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"cut": '
+    )
+    gw_env.set(VX11_MODULE_SWITCH_URL=module.url)
+    for _ in range(3):
+        r = http.post("/vx11/route/task", json={}, headers=H)
+        assert r.status_code == 502 and r.json()["error"] == "bad_gateway"  # not a 200
+    r = http.post("/vx11/route/task", json={}, headers=H)
+    assert r.status_code == 503 and r.json()["error"] == "circuit_open"
+    assert module.requests == 3
+    status = http.get("/vx11/circuit-breaker/status", headers=H).json()["breakers"]["switch"]
+    assert (status["state"], status["failure_count"]) == ("open", 3)
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        pytest.param(b"5\r\nhello\r\n", id="cut-short"),
+        pytest.param(b"5\r\nhello\r\nzz\r\nbroken\r\n", id="broken-chunk-size"),
+    ],
+)
+def test_a_streamed_answer_that_breaks_is_aborted_and_a_breaker_failure(
+    http, gateway, gw_env, raw_upstream, rest
+):
+    """The client sees the head and the bytes that came, then the connection closes without
+    the terminating chunk: never a complete 200. Three of them open the breaker."""
+    module = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n" + rest
+    )
+    gw_env.set(VX11_MODULE_SWITCH_URL=module.url)
+    for _ in range(3):
+        received = _exchange(gateway.port, TASK)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert not body.endswith(b"0\r\n\r\n")  # aborted: no last chunk
+    r = http.post("/vx11/route/task", json={}, headers=H)
+    assert r.status_code == 503 and r.json()["error"] == "circuit_open"
+    assert module.requests == 3
+
+
+def test_a_complete_answer_read_after_its_head_is_recorded_once_as_success(http, upstream):
+    """Failures, then a success whose body is read: the consecutive count starts over."""
+    upstream.respond("POST", "/switch/task", status=503)
+    for _ in range(2):
+        assert http.post("/vx11/route/task", json={}, headers=H).status_code == 503
+    upstream.respond("POST", "/switch/task", body=b"x" * 100_000)  # streamed (> 64 KiB)
+    assert http.post("/vx11/route/task", json={}, headers=H).content == b"x" * 100_000
+    status = http.get("/vx11/circuit-breaker/status", headers=H).json()["breakers"]["switch"]
+    assert (status["state"], status["failure_count"]) == ("closed", 0)
 
 
 # --------------------------------------------------------------------------- backpressure

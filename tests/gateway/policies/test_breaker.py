@@ -18,6 +18,7 @@ from gateway.policies.breaker import (
     CircuitBreaker,
     FallbackBreakerBackend,
     MemoryBreakerBackend,
+    Permit,
     RedisBreakerBackend,
     Transition,
     is_failure,
@@ -249,6 +250,44 @@ async def test_a_probe_holder_that_never_reports_loses_its_lease(
     assert (await cb.status(M)).state == "half_open"
     await cb.record(M, status=200, error=False, probe_id=second.probe_id)
     assert (await cb.status(M)).state == "closed"
+
+
+async def test_a_released_probe_frees_its_slot_at_once_without_an_outcome(
+    backend: BreakerBackend, clock: FakeClock
+) -> None:
+    """A probe whose client left (or whose request was refused before a byte went out) says
+    nothing about the module: its slot is given back now, not when its lease expires."""
+    cb, seen = make(backend, clock)
+    await trip(cb)
+    clock.advance(60)
+    probe = await cb.acquire(M)
+    assert probe.allowed and probe.probe_id
+    assert not (await cb.acquire(M)).allowed
+    await cb.release(M, probe)
+    status = await cb.status(M)
+    assert (status.state, status.failure_count) == ("half_open", 3)
+    second = await cb.acquire(M)
+    assert second.allowed and second.probe_id != probe.probe_id
+    # The released probe's late answer does not count; the new holder's does.
+    await cb.record(M, status=200, error=False, probe_id=probe.probe_id)
+    assert (await cb.status(M)).state == "half_open"
+    await cb.record(M, status=200, error=False, probe_id=second.probe_id)
+    assert (await cb.status(M)).state == "closed"
+    assert [t.reason for t in seen] == ["failure_threshold", "recovery_timeout", "probe_succeeded"]
+
+
+async def test_releasing_a_closed_permit_or_an_unknown_probe_changes_nothing(
+    backend: BreakerBackend, clock: FakeClock
+) -> None:
+    cb, seen = make(backend, clock)
+    await fail(cb, 2)
+    await cb.release(M, await cb.acquire(M))
+    await cb.release("never-seen", Permit(True, "half_open", 0.0, "f" * 32))
+    status = await cb.status(M)
+    assert (status.state, status.failure_count) == ("closed", 2)
+    await fail(cb)
+    assert (await cb.status(M)).state == "open"
+    assert [t.reason for t in seen] == ["failure_threshold"]
 
 
 async def test_a_failed_probe_reopens(backend: BreakerBackend, clock: FakeClock) -> None:

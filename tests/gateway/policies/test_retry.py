@@ -135,10 +135,38 @@ def test_budget_denies_the_fourth_concurrent_retry_with_little_traffic() -> None
         budget.note_request("madre")
     assert [budget.try_acquire_retry("madre") for _ in range(4)] == [True, True, True, False]
     budget.release_retry("madre")
-    # Released, but three retries already started in this window: still no.
-    assert not budget.try_acquire_retry("madre")
-    clock.advance(budget.window + 1)
+    # The floor is three retries *in flight*: one ended, so one more may start.
     assert budget.try_acquire_retry("madre")
+    assert not budget.try_acquire_retry("madre")
+
+
+def test_a_quiet_gateway_can_always_retry_after_earlier_retries() -> None:
+    """SPEC §7: the minimum is 3 retries in flight at once (Envoy's min_retry_concurrency),
+    not 3 per window: a module retried a few times a moment ago is still retried now."""
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.2, min_retries=3, window=10.0, clock=clock)
+    granted = []
+    for _ in range(10):  # one request a second, each retried once, one at a time
+        budget.note_request("madre")
+        granted.append(budget.try_acquire_retry("madre"))
+        budget.release_retry("madre")
+        clock.advance(1.0)
+    assert granted == [True] * 10
+    clock.advance(60.0)  # a minute later, still quiet
+    budget.note_request("madre")
+    assert budget.try_acquire_retry("madre")
+
+
+def test_the_floor_is_not_blocked_by_the_window_cap() -> None:
+    """Retries started in the window are far past 20 % of requests; the floor still holds."""
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.2, min_retries=3, window=10.0, clock=clock)
+    budget.note_request("madre")
+    for _ in range(30):
+        assert budget.try_acquire_retry("madre")
+        budget.release_retry("madre")
+    held = [budget.try_acquire_retry("madre") for _ in range(4)]
+    assert held == [True, True, True, False]  # three at once, never a fourth
 
 
 def test_budget_grows_with_traffic() -> None:
@@ -177,16 +205,19 @@ def test_releasing_more_than_acquired_does_not_go_negative() -> None:
 
 
 def test_budget_caps_retries_started_in_the_window_not_only_in_flight() -> None:
-    """Sequential retries (each released at once) still stop at 20 % of requests."""
+    """Above the floor, sequential retries (each released at once) stop at 20 % of
+    requests started in the window, the floor's own retries included."""
     clock = FakeClock()
     budget = RetryBudget(ratio=0.2, min_retries=3, window=10.0, clock=clock)
     for _ in range(100):
         budget.note_request("madre")
-    granted = 0
+    assert all(budget.try_acquire_retry("madre") for _ in range(3))  # the floor, held
+    granted = 3
     for _ in range(100):
         if budget.try_acquire_retry("madre"):
             granted += 1
             budget.release_retry("madre")
     assert granted == 20
     clock.advance(11)  # a new window: the old requests and retries are forgotten
-    assert budget.try_acquire_retry("madre")  # min_retries still applies
+    budget.release_retry("madre")
+    assert budget.try_acquire_retry("madre")  # below the floor again

@@ -1,0 +1,218 @@
+"""Reading the module's answer, writing it to the client, and the attempt's one outcome.
+
+``pipeline.forward`` returns the answer of the last attempt together with its breaker
+permit, unrecorded. Whoever reads the body records the outcome once it is known:
+
+- the body was read whole: the answer's status decides (:func:`settle` with
+  ``broken=False``; for a clean closed breaker and a success that is no store call);
+- the body broke off (cut short, broken chunk framing, a timeout): a failure, and the
+  client sees a clean 502 if nothing was written yet (:func:`send_small`), else an
+  aborted body (no last chunk; :func:`stream_response` lets the error propagate);
+- the client left: no outcome, the permit is given back (a half-open probe's slot is
+  free at once): what a client does is never the module's failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway import services
+from gateway.asgi_util import Receive, Send
+from gateway.policies.breaker import Permit
+from gateway.problems import GatewayError
+from gateway.proxy import Call, response_headers
+from gateway.upstream import UpstreamResponse
+
+#: Sized answers up to this many bytes are read whole and written in one message.
+SMALL_ANSWER = 64 * 1024
+
+
+async def settle(
+    call: Call, svc: services.Services, response: UpstreamResponse, permit: Permit, broken: bool
+) -> None:
+    """Record the outcome of the attempt that produced ``response``, its body read.
+
+    ``broken``: the body failed (cut short, broken framing, too slow): a failure for the
+    module's breaker, unless the client's own upload caused it.
+    """
+    if broken and (call.client_gone or call.body_error is not None):
+        await svc.breaker.release(call.module.name, permit)
+        return
+    await svc.breaker.record(
+        call.module.name,
+        status=response.status,
+        error=broken,
+        probe_id=permit.probe_id,
+        permit=permit,
+    )
+
+
+async def read_answer(
+    call: Call, svc: services.Services, response: UpstreamResponse, permit: Permit, limit: int
+) -> bytes:
+    """The whole body (at most ``limit`` bytes), the attempt's outcome recorded."""
+    try:
+        body = await response.read(limit)
+    except GatewayError:
+        response.close()
+        await settle(call, svc, response, permit, True)
+        raise
+    except BaseException:
+        response.close()
+        await svc.breaker.release(call.module.name, permit)
+        raise
+    response.release()
+    await settle(call, svc, response, permit, False)
+    return body
+
+
+class ClientDisconnected(ConnectionResetError):
+    """The client hung up while its answer was being streamed."""
+
+
+class ClientWatch:
+    """Cancels the streaming task when the client hangs up.
+
+    uvicorn drops ``send`` calls for a gone client silently, so without this a streamed
+    answer would be read from the module to its end, holding the upstream connection
+    and a backpressure slot for up to the route's timeout. The client's departure
+    shows as ``http.disconnect`` on ``receive``, which may only be awaited once the
+    request body has been read.
+    """
+
+    __slots__ = ("done", "fired", "task", "watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self.task = asyncio.current_task()
+        self.done = False  # set before the last send: a finished answer reads as a disconnect
+        self.fired = False
+        self.watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.done and self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self.watcher.cancel()
+
+
+async def stream_response(
+    call: Call,
+    response: UpstreamResponse,
+    send: Send,
+    receive: Receive | None,
+    svc: services.Services,
+    permit: Permit,
+) -> None:
+    """Write the answer; the attempt's breaker outcome is recorded at its end.
+
+    A body that breaks off mid-stream is a failure for the breaker and the exception
+    propagates: no final chunk is written, so the client sees an aborted body, never a
+    complete one. A client that leaves gives the permit back without an outcome.
+    """
+    # Only answers that may run long are watched (a task per request costs CPU): streaming
+    # routes and answers of unknown length (chunked, SSE). A sized answer is written out at
+    # once and uvicorn drops what a gone client no longer reads.
+    watch = (
+        ClientWatch(receive)
+        if receive is not None
+        and call.body_complete
+        and (
+            (call.route is not None and call.route.streaming)
+            or response.header("Content-Length") is None
+        )
+        else None
+    )
+    if watch is None and not (call.route is not None and call.route.streaming):
+        size = response.content_length()
+        if size is not None and size <= SMALL_ANSWER:
+            await send_small(call, response, send, svc, permit)
+            return
+    finished = False
+    try:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": response_headers(call, response.headers),
+            }
+        )
+        async for chunk in response.iter_chunks():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if watch is not None:
+            watch.done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finished = True
+        response.release()
+    except GatewayError:  # the module's body broke off (iter_chunks)
+        if watch is not None:
+            watch.done = True  # the outcome is recorded whatever the client does now
+        response.close()
+        finished = True
+        await settle(call, svc, response, permit, True)
+        raise
+    except asyncio.CancelledError:
+        if watch is None or not watch.fired or watch.task is None:
+            raise
+        watch.task.uncancel()
+        call.client_gone = True
+        await svc.breaker.release(call.module.name, permit)
+        raise ClientDisconnected("the client disconnected during the answer") from None
+    except BaseException:  # writing to a client that left (OSError): no outcome
+        await svc.breaker.release(call.module.name, permit)
+        raise
+    finally:
+        if watch is not None:
+            watch.stop()
+        if not finished:
+            response.close()  # closes the module's connection: its request is cancelled
+    await settle(call, svc, response, permit, False)
+
+
+async def send_small(
+    call: Call, response: UpstreamResponse, send: Send, svc: services.Services, permit: Permit
+) -> None:
+    """A sized answer of at most ``SMALL_ANSWER`` bytes: read whole, then written at once.
+
+    Cheaper than streaming (two ASGI messages instead of three, no async iteration), and
+    an answer that breaks off is a clean 502 instead of a truncated 200. The outcome is
+    recorded once, after the body was read.
+    """
+    try:
+        body = await response.read_sized()
+    except GatewayError:
+        response.close()
+        await settle(call, svc, response, permit, True)
+        raise
+    except BaseException:
+        response.close()
+        await svc.breaker.release(call.module.name, permit)
+        raise
+    response.release()
+    await svc.breaker.record(  # settle(..., False), inline: the common path
+        call.module.name,
+        status=response.status,
+        error=False,
+        probe_id=permit.probe_id,
+        permit=permit,
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": response_headers(call, response.headers),
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_buffered(
+    call: Call, send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    out = [(k, v) for k, v in response_headers(call, headers) if k != b"content-length"]
+    out.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
