@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     from gateway.models import Route
@@ -136,6 +137,17 @@ OVERRIDABLE = (
 )
 
 
+#: Every printable ASCII character is kept as it is (``%`` too: existing escapes stay).
+_PRINTABLE_ASCII = "".join(map(chr, range(33, 127)))
+
+
+def wire_path(endpoint: str) -> str:
+    """An endpoint as it can be written upstream: anything outside printable ASCII
+    percent-encoded (UTF-8). Writes are validated, so this only repairs a row stored
+    before that validation (or by raw SQL); it runs when the snapshot is built."""
+    return quote(endpoint, safe=_PRINTABLE_ASCII)
+
+
 def overlay(row: Route) -> RouteConfig:
     """The effective route of one override row: its non-empty fields over the code route."""
     base = CODE_ROUTES.get(row.intent) or RouteConfig(module="", endpoint="", intent=row.intent)
@@ -144,6 +156,8 @@ def overlay(row: Route) -> RouteConfig:
         value = getattr(row, name)
         if value is not None and value != "":
             changes[name] = value
+    if "endpoint" in changes:
+        changes["endpoint"] = wire_path(changes["endpoint"])
     return replace(base, **changes, intent=row.intent, enabled=row.enabled, source="database")
 
 

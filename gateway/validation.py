@@ -8,11 +8,14 @@ from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
 
-MODULE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
-INTENT_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+# ``\Z``, not ``$``: ``$`` also matches before a trailing newline ("chat\n").
+MODULE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")
+INTENT_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 TIMEOUT_MIN, TIMEOUT_MAX = 0.1, 600.0
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
+#: Printable ASCII (SPEC §4): an endpoint is written upstream byte for byte, as latin-1.
+_PRINTABLE_ASCII_RE = re.compile(r"[!-~]*\Z")
 
 
 def _is_ip(host: str) -> bool:
@@ -50,6 +53,12 @@ def validate_module_url(value: str) -> str:
 
 
 def validate_endpoint(value: str) -> str:
+    """A path on the module: printable ASCII only (other characters percent-encoded)."""
+    if not _PRINTABLE_ASCII_RE.match(value):
+        raise ValidationError(
+            "Endpoint must be printable ASCII with no spaces or control characters; "
+            "percent-encode other characters (e.g. '☃' as %E2%98%83)."
+        )
     if not value.startswith("/") or value.startswith("//"):
         raise ValidationError("Endpoint must start with a single '/' (a path on the module).")
     if "://" in value or any(ord(c) < 33 or c in "\\#" for c in value):

@@ -8,6 +8,8 @@ answer the proxy gives when a request names it — and an unknown or expired id
 
 from __future__ import annotations
 
+import re
+
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
@@ -29,6 +31,7 @@ from sessions_ctx7.serializers import (
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 TRUE = {"1", "true", "yes", "on"}
+OWNER_RE = re.compile(r"[!-~]{1,100}\Z")  # principal ids: client:7, user:1, operator:…
 
 
 def _caller(request: Request) -> Principal:
@@ -78,6 +81,12 @@ class SessionListView(APIView):
         owner: str | None = caller.id
         if caller.is_admin:
             owner = request.query_params.get("client") or None
+            if owner is not None and not OWNER_RE.match(owner):
+                # Checked before the query: a NUL is a DataError on PostgreSQL.
+                raise InvalidRequest(
+                    "client must be an owner id such as client:7 (printable ASCII, max 100).",
+                    errors={"client": ["Not an owner id."]},
+                )
         include_expired = request.query_params.get("include_expired", "").lower() in TRUE
         sessions = services.visible(owner, include_expired=include_expired)
         page = sessions[offset : offset + limit]

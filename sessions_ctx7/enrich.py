@@ -34,6 +34,8 @@ from sessions_ctx7 import services
 log = logging.getLogger("sessions_ctx7")
 MESSAGE_FIELDS = ("message", "prompt")
 REPLY_FIELDS = ("response", "message")
+NUL = "\x00"  # PostgreSQL text and jsonb cannot hold it (DataError); SQLite can
+REPLACEMENT = "\ufffd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,10 @@ async def begin(
     data = parse_object(body)
     session_id = pick_session_id(data, header_session)
     content = _first_text(data, MESSAGE_FIELDS)
+    if content is not None and NUL in content:
+        # Refused rather than altered: what the module receives and what the history
+        # holds stay identical, and the answer is the same on SQLite and PostgreSQL.
+        raise InvalidRequest("The message must not contain NUL characters (\\u0000).")
     meta = {"correlation_id": correlation.current.get()}
     opened = await _in_thread(
         functools.partial(services.open_turn, owner, session_id, content, now=now, metadata=meta)
@@ -168,6 +174,8 @@ async def finish(
         return body
     reply = _first_text(data, REPLY_FIELDS)
     if reply is not None:
+        if NUL in reply:  # the client gets the module's answer unchanged; the history a
+            reply = reply.replace(NUL, REPLACEMENT)  # storable copy, on every database
         meta = {"correlation_id": correlation.current.get(), "status": status}
         try:
             await _in_thread(

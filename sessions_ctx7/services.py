@@ -26,7 +26,9 @@ from gateway.conf import gw
 from gateway.problems import Forbidden, NotFound
 from sessions_ctx7.models import Message, Session
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# ``\Z``, not ``$``: ``$`` also matches before a trailing newline, and "abc\n" would then
+# be stored and sent back in the ``X-VX11-Session`` header (an illegal header value).
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 SNIPPET_CHARS = 100
 SUMMARY_MESSAGES = 3
 SUMMARY_CHARS = 256

@@ -2,7 +2,9 @@
 
 Pass 1: every test on the embedded default (SQLite), in parallel.
 Pass 2: the database-layer tests (marker ``db_backend``) again on a real
-PostgreSQL server started here on a free port.
+PostgreSQL server started here on a free port: among them the schemathesis run over
+/openapi.json with response-schema conformance (tests/reliability/test_hostile.py), since
+PostgreSQL refuses input SQLite stores (a NUL in text is a ``DataError`` there).
 Extra arguments go to both pytest runs (e.g. ``-k breaker``).
 """
 

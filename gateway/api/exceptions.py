@@ -37,7 +37,9 @@ def to_gateway_error(exc: Exception) -> GatewayError | None:
     if isinstance(exc, exceptions.Throttled):
         return TooManyRequests("management", float(getattr(exc, "wait", None) or 1), [])
     if isinstance(exc, exceptions.ValidationError):
-        return InvalidRequest("The request has invalid fields.", errors=exc.detail)
+        names = ", ".join(map(str, exc.detail)) if isinstance(exc.detail, dict) else ""
+        detail = f"Invalid fields: {names}." if names else "The request has invalid fields."
+        return InvalidRequest(detail, errors=exc.detail)
     if isinstance(exc, exceptions.APIException):
         err = InvalidRequest(str(exc.detail))
         err.status = exc.status_code

@@ -12,10 +12,15 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from gateway.api.permissions import ReadClientWriteAdmin
-from gateway.api.serializers import EffectiveRouteSerializer, RouteSerializer
+from gateway.api.serializers import (
+    EffectiveRouteSerializer,
+    RouteSerializer,
+    RouteTableSerializer,
+)
 from gateway.models import Route
 from gateway.problems import InvalidRequest, NotFound
 from gateway.routes import CODE_ROUTES, build_routes
+from gateway.validation import INTENT_RE
 
 _BLANK: dict[str, Any] = {
     "module": "",
@@ -39,10 +44,23 @@ def effective_table() -> dict[str, Any]:
     }
 
 
+def _no_route(intent: str) -> NotFound:
+    return NotFound(f"No route for intent {intent[:40]!r}.")
+
+
+def _nameable(intent: str) -> bool:
+    """Whether a path parameter can name an intent at all.
+
+    Checked before any query: a NUL (``%00``) in a text parameter is a ``DataError`` on
+    PostgreSQL (SQLite accepts it), so an impossible name never reaches the database.
+    """
+    return INTENT_RE.match(intent) is not None
+
+
 def effective_route(intent: str) -> dict[str, Any]:
     table = effective_table()
     if intent not in table:
-        raise NotFound(f"No route for intent {intent[:40]!r}.")
+        raise _no_route(intent)
     entry: dict[str, Any] = table[intent]
     return entry
 
@@ -51,7 +69,8 @@ class RouteListView(APIView):
     permission_classes = [ReadClientWriteAdmin]
 
     @extend_schema(
-        responses=EffectiveRouteSerializer(many=True),
+        operation_id="vx11_routes_list",
+        responses=RouteTableSerializer,
         summary="The effective route table (code defaults overlaid by overrides)",
     )
     def get(self, request: Request) -> Response:
@@ -79,11 +98,25 @@ class RouteDetailView(APIView):
         return Response(effective_route(intent))
 
     def _save(self, request: Request, intent: str, *, partial: bool) -> Response:
+        if not _nameable(intent):
+            if partial:  # PATCH changes an existing route: none can have this name
+                raise _no_route(intent)
+            raise InvalidRequest(
+                "Invalid fields: intent.",
+                errors={
+                    "intent": ["Lowercase letters, digits, '-' or '_', starting with a letter."]
+                },
+            )
         row = Route.objects.filter(intent=intent).first()
         if row is None and intent not in CODE_ROUTES and partial:
-            raise NotFound(f"No route for intent {intent[:40]!r}.")
+            raise _no_route(intent)
         if not isinstance(request.data, dict):
             raise InvalidRequest("The body must be a JSON object.")
+        if request.data.get("intent", intent) != intent:
+            raise InvalidRequest(
+                "Invalid fields: intent.",
+                errors={"intent": [f"The body names another intent than the path ({intent!r})."]},
+            )
         data = {**request.data, "intent": intent}
         if not partial:  # PUT replaces: omitted fields go back to inheriting
             data = {**_BLANK, **data}
@@ -99,7 +132,7 @@ class RouteDetailView(APIView):
 
     @extend_schema(
         request=RouteSerializer,
-        responses=EffectiveRouteSerializer,
+        responses={200: EffectiveRouteSerializer, 201: EffectiveRouteSerializer},
         summary="Replace the override of an intent (admin)",
     )
     def put(self, request: Request, intent: str) -> Response:
@@ -107,7 +140,7 @@ class RouteDetailView(APIView):
 
     @extend_schema(
         request=RouteSerializer,
-        responses=EffectiveRouteSerializer,
+        responses={200: EffectiveRouteSerializer, 201: EffectiveRouteSerializer},
         summary="Change fields of the override of an intent (admin)",
     )
     def patch(self, request: Request, intent: str) -> Response:
@@ -118,6 +151,8 @@ class RouteDetailView(APIView):
         summary="Remove an override; a code intent falls back to its default (admin)",
     )
     def delete(self, request: Request, intent: str) -> Response:
+        if not _nameable(intent):
+            raise NotFound(f"No override for intent {intent[:40]!r}.")
         deleted, _ = Route.objects.filter(intent=intent).delete()
         if not deleted:
             raise NotFound(f"No override for intent {intent[:40]!r}.")

@@ -30,8 +30,57 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "module": {"type": "string"},
         "retry_after": {"type": "integer"},
         "scope": {"type": "string"},
+        "errors": {
+            "description": "invalid_request: the refused fields, each with its messages.",
+            "oneOf": [{"type": "object"}, {"type": "array"}],
+        },
     },
     "required": ["type", "title", "status", "detail", "error", "correlation_id"],
+}
+#: What the management API (DRF views) can answer besides its documented successes.
+_MANAGEMENT_ERRORS = {
+    "400": "invalid_request: malformed JSON, a bad or unknown field, a bad parameter",
+    "401": "auth_required: no credentials",
+    "403": "forbidden: wrong credentials, or a change without admin rights",
+    "404": "not_found: no such intent, module or session",
+    "413": "payload_too_large: the body is over the management API's limit",
+}
+_PROXY_PATHS = ("/vx11/route/{intent}", "/shub/{path}")
+
+
+def _document_problems(paths: dict[str, Any]) -> None:
+    """Every error status a management operation can answer, as problem+json.
+
+    400 where the caller sends something to validate (a body, query or path
+    parameters), 404 where a path parameter names something, 413 where there is a
+    body, 401/403 where credentials are needed.
+    """
+    for path, operations in paths.items():
+        if path.startswith(_PROXY_PATHS):
+            continue
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            parameters = operation.get("parameters", [])
+            codes = []
+            if operation.get("security", [{}]) != []:
+                codes += ["401", "403"]
+            if "requestBody" in operation or parameters:
+                codes.append("400")
+            if any(p.get("in") == "path" for p in parameters):
+                codes.append("404")
+            if "requestBody" in operation:
+                codes.append("413")
+            responses = operation["responses"]
+            for code in sorted(codes):
+                responses.setdefault(code, _problem(_MANAGEMENT_ERRORS[code]))
+
+
+_ANY: dict[str, Any] = {"*/*": {"schema": {}}}
+#: A module's own error answer (any status, any media type) passes through unchanged.
+_UPSTREAM_ANSWER: dict[str, Any] = {
+    "description": "The module's own answer, passed through unchanged (any status)",
+    "content": _ANY,
 }
 
 
@@ -102,6 +151,7 @@ def add_proxy_paths(
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 },
                 **common,
+                "default": _UPSTREAM_ANSWER,
             },
         }
     }
@@ -123,11 +173,63 @@ def add_proxy_paths(
                     "schema": {"type": "string", "example": "health"},
                 }
             ],
-            "responses": {"200": {"description": "Shub's answer, unchanged"}, **common},
+            "responses": {
+                "200": {"description": "Shub's answer, unchanged", "content": _ANY},
+                **common,
+                "default": _UPSTREAM_ANSWER,
+            },
         }
     result["paths"]["/shub/{path}"] = shub_ops
+    _document_problems(result["paths"])  # the DRF operations, before the plain views
     result["paths"].update(_plain_views())
     return result
+
+
+def _object(properties: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = sorted(properties)
+    return schema
+
+
+_STRING, _NUMBER, _INTEGER, _BOOLEAN = (
+    {"type": "string"},
+    {"type": "number"},
+    {"type": "integer"},
+    {"type": "boolean"},
+)
+_READY = _object(
+    {
+        "status": {"type": "string", "enum": ["ready", "not_ready"]},
+        "checks": _object({"database": _STRING, "cache": _STRING}),
+    }
+)
+_RATE_LIMIT_STATUS = _object(
+    {
+        "enabled": _BOOLEAN,
+        "enforced": _BOOLEAN,
+        "degraded": _BOOLEAN,
+        "scopes": {
+            "type": "array",
+            "items": _object(
+                {
+                    "scope": _STRING,
+                    "limit": _INTEGER,
+                    "remaining": _INTEGER,
+                    "reset": _INTEGER,
+                    "window": _INTEGER,
+                }
+            ),
+        },
+    }
+)
+
+
+def _json(description: str, schema: dict[str, Any], example: Any = None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"description": description, "content": {"application/json": media}}
 
 
 def _plain_views() -> dict[str, Any]:
@@ -137,31 +239,34 @@ def _plain_views() -> dict[str, Any]:
         op_id: str,
         summary: str,
         tag: str,
+        responses: dict[str, Any],
         security: list[Any] | None = None,
-        responses: dict[str, Any] | None = None,
-        example: Any = None,
     ) -> dict[str, Any]:
-        ok: dict[str, Any] = {"description": "OK"}
-        if example is not None:
-            ok["content"] = {"application/json": {"example": example}}
         body: dict[str, Any] = {
             "operationId": op_id,
             "summary": summary,
             "tags": [tag],
-            "responses": {"200": ok, **(responses or {})},
+            "responses": responses,
         }
         if security is not None:
             body["security"] = security
         return body
 
+    credentials = {"401": _problem("No credentials"), "403": _problem("Wrong credentials")}
     return {
         "/health": {
             "get": op(
                 "health",
                 "Liveness (no auth)",
                 "gateway",
+                {
+                    "200": _json(
+                        "Alive",
+                        _object({"status": _STRING, "module": _STRING, "version": _STRING}),
+                        {"status": "ok", "module": "vx11-gateway", "version": "1.0.0"},
+                    )
+                },
                 [],
-                example={"status": "ok", "module": "vx11-gateway", "version": "1.0.0"},
             )
         },
         "/ready": {
@@ -169,9 +274,15 @@ def _plain_views() -> dict[str, Any]:
                 "ready",
                 "Readiness: database and cache reachable (no auth)",
                 "gateway",
+                {
+                    "200": _json(
+                        "Ready",
+                        _READY,
+                        {"status": "ready", "checks": {"database": "ok", "cache": "ok"}},
+                    ),
+                    "503": _json("Not ready: the failing check names its error", _READY),
+                },
                 [],
-                {"503": {"description": "Not ready"}},
-                example={"status": "ready", "checks": {"database": "ok", "cache": "ok"}},
             )
         },
         "/metrics": {
@@ -179,8 +290,14 @@ def _plain_views() -> dict[str, Any]:
                 "metrics",
                 "Prometheus metrics (VX11_METRICS_ALLOWED_IPS)",
                 "gateway",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": _STRING}},
+                    },
+                    "403": _problem("Address not allowed"),
+                },
                 [],
-                {"403": _problem("Address not allowed")},
             )
         },
         "/vx11/rate-limit/status": {
@@ -188,20 +305,26 @@ def _plain_views() -> dict[str, Any]:
                 "rate_limit_status",
                 "The caller's current usage per rate-limit scope",
                 "gateway",
-                responses={"401": _problem("No credentials"), "403": _problem("Wrong credentials")},
-                example={
-                    "enabled": True,
-                    "enforced": True,
-                    "degraded": False,
-                    "scopes": [
+                {
+                    "200": _json(
+                        "Usage per scope (nothing is consumed)",
+                        _RATE_LIMIT_STATUS,
                         {
-                            "scope": "token",
-                            "limit": 1000,
-                            "remaining": 998,
-                            "reset": 41,
-                            "window": 60,
-                        }
-                    ],
+                            "enabled": True,
+                            "enforced": True,
+                            "degraded": False,
+                            "scopes": [
+                                {
+                                    "scope": "token",
+                                    "limit": 1000,
+                                    "remaining": 998,
+                                    "reset": 41,
+                                    "window": 60,
+                                }
+                            ],
+                        },
+                    ),
+                    **credentials,
                 },
             )
         },
@@ -210,9 +333,20 @@ def _plain_views() -> dict[str, Any]:
                 "shub_cache_clear",
                 "Empty the health cache (X-VX11-GW-Token)",
                 "proxy",
+                {
+                    "200": _json(
+                        "Cleared",
+                        _object(
+                            {"status": _STRING, "keys_deleted": _INTEGER, "timestamp": _NUMBER}
+                        ),
+                        {"status": "cleared", "keys_deleted": 2, "timestamp": 1763780000.0},
+                    ),
+                    "401": _problem("No gateway token"),
+                    "403": _problem("Wrong gateway token"),
+                    "429": _problem("Rate limited (see RateLimit headers)"),
+                    "503": _problem("The shared cache store did not answer; nothing was cleared"),
+                },
                 [{"GatewayToken": []}],
-                {"401": _problem("No gateway token"), "403": _problem("Wrong gateway token")},
-                example={"status": "cleared", "keys_deleted": 2, "timestamp": 1763780000.0},
             )
         },
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -17,6 +18,21 @@ from gateway.validation import (
     validate_endpoint,
     validate_intent,
 )
+
+#: Read-only members of an effective route (``GET``) that a body may carry back unchanged,
+#: so ``GET`` then ``PUT`` of the same object works; they are ignored.
+READ_ONLY_ECHO = frozenset({"source"})
+
+
+def unknown_fields(data: Any, known: Any) -> dict[str, list[str]]:
+    """``{name: ["Unknown field."]}`` for every member of ``data`` that is not in ``known``."""
+    if not isinstance(data, Mapping):
+        return {}
+    return {
+        str(name): ["Unknown field."]
+        for name in sorted(map(str, data))
+        if name not in known and name not in READ_ONLY_ECHO
+    }
 
 
 def _django(validator: Any, value: Any) -> Any:
@@ -43,6 +59,14 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
     class Meta:
         model = Route
         fields = ["intent", *OVERRIDABLE, "enabled"]
+
+    def to_internal_value(self, data: Any) -> Any:
+        """Unknown members are refused (SPEC §4), not silently dropped: a typo such as
+        ``timeoutt`` would otherwise save an override that changes nothing."""
+        unknown = unknown_fields(data, self.fields)
+        if unknown:
+            raise serializers.ValidationError(unknown)
+        return super().to_internal_value(data)
 
     def validate_intent(self, value: str) -> str:
         value = _django(validate_intent, value)
@@ -100,3 +124,69 @@ class EffectiveRouteSerializer(serializers.Serializer[Any]):
     retry_post = serializers.BooleanField()
     enabled = serializers.BooleanField()
     source = serializers.ChoiceField(choices=["code", "database"])  # type: ignore[assignment]
+
+
+class RouteTableSerializer(serializers.Serializer[Any]):
+    """``GET /vx11/routes``: the effective table, sorted by intent."""
+
+    routes = EffectiveRouteSerializer(many=True)
+    count = serializers.IntegerField()
+
+
+# --------------------------------------------------------------------------- breakers, modules
+# Response shapes of gateway/api/breakers.py (documentation only: the views build dicts).
+
+
+class BreakerSerializer(serializers.Serializer[Any]):
+    """A breaker's status (SPEC §6)."""
+
+    state = serializers.ChoiceField(choices=["closed", "open", "half_open"])
+    failure_count = serializers.IntegerField()
+    last_failure = serializers.FloatField(allow_null=True, help_text="Unix time")
+    opened_at = serializers.FloatField(allow_null=True, help_text="Unix time")
+    retry_after = serializers.FloatField(help_text="Seconds until a probe is let through")
+
+
+class BreakerPageSerializer(serializers.Serializer[Any]):
+    """``GET /vx11/circuit-breaker/status``."""
+
+    status = serializers.CharField()
+    breakers = serializers.DictField(child=BreakerSerializer())
+    timestamp = serializers.FloatField()
+
+
+class BreakerDetailSerializer(serializers.Serializer[Any]):
+    """``GET|POST /vx11/circuit-breaker/{module}``."""
+
+    status = serializers.CharField()
+    module = serializers.CharField()
+    action = serializers.CharField(required=False, help_text="POST: the action applied")
+    breaker = BreakerSerializer()
+    forced = serializers.CharField(allow_null=True)
+    timestamp = serializers.FloatField()
+
+
+class ModuleHealthSerializer(serializers.Serializer[Any]):
+    status = serializers.CharField(help_text="up | down | unknown")
+    latency_ms = serializers.FloatField(allow_null=True)
+    last_check = serializers.FloatField(allow_null=True, help_text="Unix time")
+    consecutive_failures = serializers.IntegerField()
+    last_error = serializers.CharField(allow_blank=True)
+
+
+class ModuleSerializer(serializers.Serializer[Any]):
+    name = serializers.CharField()
+    url = serializers.CharField()
+    enabled = serializers.BooleanField()
+    source = serializers.CharField(help_text="code | env | database")  # type: ignore[assignment]
+    health_path = serializers.CharField()
+    health = ModuleHealthSerializer()
+    breaker = BreakerSerializer()
+
+
+class ModuleListSerializer(serializers.Serializer[Any]):
+    """``GET /vx11/modules``."""
+
+    modules = ModuleSerializer(many=True)
+    count = serializers.IntegerField()
+    timestamp = serializers.FloatField()
