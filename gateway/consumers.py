@@ -13,6 +13,11 @@ results every couple of seconds and sends the changes as ``module.health``.
 Close codes: 4401 when no credential was offered, 4403 when the credential is wrong,
 not an admin, or a session cookie arrives from a foreign origin (a cookie is sent by
 the browser on any page's behalf, so a session is only trusted from our own pages).
+
+The credential is checked again every :attr:`EventsConsumer.recheck_seconds` (2 s) while
+the stream is open: a revoked API client (the snapshot follows the configuration version,
+so this costs no query) or a user made inactive or no longer staff (one primary-key read)
+is closed with 4403 within a few seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import InMemoryChannelLayer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.http.request import validate_host
 
 from gateway import auth, events, services
@@ -69,6 +75,10 @@ async def state_snapshot() -> dict[str, Any]:
     }
 
 
+def _staff_user_exists(pk: Any) -> bool:
+    return bool(get_user_model().objects.filter(pk=pk, is_active=True, is_staff=True).exists())
+
+
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key == name:
@@ -102,6 +112,9 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     health_poll_seconds = 2.0
     _health_watch: asyncio.Task[None] | None = None
     _health_seen: dict[str, dict[str, Any]]
+    #: How often an open stream's credential is checked again.
+    recheck_seconds = 2.0
+    _recheck: asyncio.Task[None] | None = None
 
     async def _authorise(self) -> int | None:
         """None when the caller may listen, else the close code."""
@@ -124,6 +137,34 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             return None
         return CLOSE_AUTH_REQUIRED
 
+    async def _still_allowed(self) -> bool:
+        """The credential accepted at connect is still good (revoked, deactivated?)."""
+        token = auth.client_token(
+            _header(self.scope, b"x-vx11-token"), _header(self.scope, b"authorization")
+        )
+        if token is not None:
+            if not gw.auth_enabled:
+                return True
+            principal = auth.authenticate(token, await holder.current())
+            return principal is not None and principal.is_admin
+        user = self.scope.get("user")
+        if user is not None and user.is_authenticated:
+            return bool(await database_sync_to_async(_staff_user_exists)(user.pk))
+        return not gw.auth_enabled
+
+    async def _watch_credential(self) -> None:
+        while True:
+            await asyncio.sleep(self.recheck_seconds)
+            try:
+                allowed = await self._still_allowed()
+            except Exception:  # the database is down: keep the stream, try again later
+                log.warning("could not re-check a live stream's credential", exc_info=True)
+                continue
+            if not allowed:
+                log.info("closing a live stream whose credential was revoked")
+                await self.close(code=CLOSE_FORBIDDEN)
+                return
+
     async def connect(self) -> None:
         refused = await self._authorise()
         # Accept first: a close before the handshake completes carries no code.
@@ -134,10 +175,14 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         await self.channel_layer.group_add(events.GROUP, self.channel_name)
         self.joined = True
         await self._send_snapshot()
+        self._recheck = asyncio.create_task(self._watch_credential())
         if isinstance(self.channel_layer, InMemoryChannelLayer):
             self._health_watch = asyncio.create_task(self._watch_health())
 
     async def disconnect(self, code: int) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         if self._health_watch is not None:
             self._health_watch.cancel()
             self._health_watch = None

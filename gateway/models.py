@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import secrets
+from collections.abc import Iterable
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import DatabaseError, IntegrityError, models, transaction
+from django.db.models import F
+from django.utils import timezone
 
+from gateway import store
 from gateway.validation import (
     METHODS,
     TIMEOUT_MAX,
@@ -21,8 +26,95 @@ from gateway.validation import (
     validate_module_url,
 )
 
+log = logging.getLogger(__name__)
+
 PRIORITY_CHOICES = [("health", "health"), ("analysis", "analysis"), ("other", "other")]
 BREAKER_STATES = [("closed", "closed"), ("open", "open"), ("half_open", "half-open")]
+
+
+# --------------------------------------------------------------------------- config version
+
+
+class ConfigVersion(models.Model):
+    """One row: the configuration version, seen by every process on the database.
+
+    Every write of a ``Module``, ``Route`` or ``ApiClient`` (save, delete, bulk writes
+    through :class:`ConfigQuerySet`) bumps it after the commit; every gateway process
+    compares it with its snapshot's (``gateway.snapshot``, in a background thread) when
+    there is no Redis. With Redis the counter in Redis is the carrier; this row is bumped
+    as well, so it always records that a change happened.
+    """
+
+    ROW = 1
+
+    version = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "configuration version"
+
+    def __str__(self) -> str:
+        return f"configuration version {self.version}"
+
+    @classmethod
+    def bump(cls) -> None:
+        """Add one (the row is created when missing, e.g. after a flush)."""
+        values = {"version": F("version") + 1, "updated_at": timezone.now()}
+        if cls.objects.filter(pk=cls.ROW).update(**values):
+            return
+        try:
+            with transaction.atomic():
+                cls.objects.create(pk=cls.ROW, version=1)
+        except IntegrityError:  # another process created it meanwhile
+            cls.objects.filter(pk=cls.ROW).update(**values)
+
+    @classmethod
+    def read(cls) -> int:
+        found = cls.objects.filter(pk=cls.ROW).values_list("version", flat=True).first()
+        return int(found or 0)
+
+
+def announce_change() -> None:
+    """Tell every process the configuration changed. Call it after the commit."""
+    store.bump_local()
+    try:
+        ConfigVersion.bump()
+    except DatabaseError:  # the change is saved; the next one is announced again
+        log.exception("could not bump the configuration version in the database")
+    store.publish_version()
+
+
+class ConfigQuerySet[M: models.Model](models.QuerySet[M]):
+    """Bulk writes send no signals; these announce the change once their commit is done."""
+
+    def _announce(self) -> None:
+        transaction.on_commit(announce_change, using=self.db)
+
+    def update(self, **kwargs: Any) -> int:
+        rows = super().update(**kwargs)
+        if rows:
+            self._announce()
+        return rows
+
+    def bulk_create(self, objs: Iterable[M], *args: Any, **kwargs: Any) -> list[M]:
+        created = super().bulk_create(objs, *args, **kwargs)
+        if created:
+            self._announce()
+        return created
+
+    def bulk_update(
+        self, objs: Iterable[M], fields: Iterable[str], batch_size: int | None = None
+    ) -> int:
+        rows = super().bulk_update(objs, fields, batch_size)
+        if rows:
+            self._announce()
+        return rows
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        result = super().delete()
+        if result[0]:
+            self._announce()
+        return result
 
 
 class Module(models.Model):
@@ -54,6 +146,8 @@ class Module(models.Model):
         null=True, blank=True, help_text="Calls needed in the window to judge a rate."
     )
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ConfigQuerySet["Module"].as_manager()
 
     class Meta:
         ordering = ["name"]
@@ -90,6 +184,8 @@ class Route(models.Model):
     )
     enabled = models.BooleanField(default=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ConfigQuerySet["Route"].as_manager()
 
     class Meta:
         ordering = ["intent"]
@@ -144,6 +240,8 @@ class ApiClient(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = ConfigQuerySet["ApiClient"].as_manager()
+
     class Meta:
         ordering = ["name"]
         verbose_name = "API client"
@@ -175,6 +273,28 @@ class BreakerState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.module}: {self.state}"
+
+
+class BreakerCommand(models.Model):
+    """An operator's breaker action for the gateway processes to apply (no Redis).
+
+    Written by ``force_breaker`` (API, admin, ``manage.py breaker``) and announced with a
+    version bump; each gateway process applies the ones it did not issue itself when it
+    sees the bump (``gateway.services.BreakerCommands``). With Redis the action goes to the
+    shared state directly and no row is written.
+    """
+
+    module = models.CharField(max_length=40)
+    action = models.CharField(max_length=12)
+    #: The process that already applied it ("" when none did, e.g. a management command).
+    origin = models.CharField(max_length=32, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.module}: {self.action}"
 
 
 class BreakerTransition(models.Model):

@@ -5,18 +5,29 @@ asyncio clients belong to one loop), rebuilt when the settings are reloaded.
 With ``VX11_REDIS_URL`` the breaker, rate limiter and health cache keep their
 state in Redis (with an in-process fallback while Redis is unreachable);
 without it, in process memory.
+
+Without Redis, breaker actions from other processes (``manage.py breaker``, another
+worker's API or admin) arrive as ``BreakerCommand`` rows announced by a configuration
+version bump: :class:`BreakerCommands`, a listener of the snapshot watcher, applies each
+one this process did not issue (:data:`PROCESS_ID`) to its in-memory breakers, in the
+watcher's thread, off the request path. When a process starts it re-applies each
+module's latest ``force_open`` / ``force_closed``, so an override outlives a restart as it
+does in Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
 from gateway import events, store
 from gateway.conf import gw
+from gateway.models import BreakerCommand
 from gateway.modules import ModuleInfo
 from gateway.policies.admission import Admission
 from gateway.policies.backpressure import PriorityLimiter
@@ -27,6 +38,7 @@ from gateway.policies.breaker import (
     FallbackBreakerBackend,
     MemoryBreakerBackend,
     RedisBreakerBackend,
+    Transition,
 )
 from gateway.policies.ratelimit import (
     MemoryRateLimitBackend,
@@ -41,7 +53,11 @@ from gateway.policies.respcache import (
     SingleFlight,
 )
 from gateway.policies.retry import RetryBudget
-from gateway.snapshot import holder
+from gateway.snapshot import holder, watcher
+
+log = logging.getLogger(__name__)
+#: This process, as named in the ``BreakerCommand`` rows it issued (and applied) itself.
+PROCESS_ID = uuid.uuid4().hex
 
 
 def breaker_config(module: str) -> BreakerConfig:
@@ -51,7 +67,7 @@ def breaker_config(module: str) -> BreakerConfig:
     cfg = _default_config()
     if info is None:
         return cfg
-    key = (snap.version if snap else 0, module, gw.generation)
+    key = (snap.serial if snap else 0, module, gw.generation)
     cached = _config_cache.get(key)
     if cached is not None:
         return cached
@@ -153,6 +169,70 @@ def memory_response_cache() -> MemoryResponseCache:
 
 def memory_rate_limit_backend() -> MemoryRateLimitBackend:
     return _process_wide(MemoryRateLimitBackend)
+
+
+class BreakerCommands:
+    """Applies the ``BreakerCommand`` rows other processes wrote (a watcher listener)."""
+
+    def __init__(self) -> None:
+        self.cursor: int | None = None  # the last row seen; None until the first look
+        self._lock = threading.Lock()
+
+    def pending(self) -> list[tuple[str, str]]:
+        """The (module, action) pairs to apply now, oldest first (synchronous)."""
+        with self._lock:
+            rows = list(
+                BreakerCommand.objects.filter(id__gt=self.cursor or 0)
+                .order_by("id")
+                .values_list("id", "module", "action", "origin")
+            )
+            first, self.cursor = (
+                self.cursor is None,
+                max((r[0] for r in rows), default=self.cursor or 0),
+            )
+        if first:  # a process starting: only each module's standing override matters
+            latest = {module: (action, origin) for _, module, action, origin in rows}
+            return [
+                (module, action)
+                for module, (action, origin) in latest.items()
+                if action in ("force_open", "force_closed") and origin != PROCESS_ID
+            ]
+        return [(module, action) for _, module, action, origin in rows if origin != PROCESS_ID]
+
+    def __call__(self) -> None:
+        if store.shared():
+            return  # with Redis, actions go to the shared state directly
+        todo = self.pending()
+        if todo:
+            log.info("applying breaker actions from other processes: %s", todo)
+            apply_breaker_actions(todo)
+
+
+def apply_breaker_actions(actions: list[tuple[str, str]]) -> None:
+    """Force this process's in-memory breakers (synchronous, from a thread with no loop).
+
+    Transitions are recorded and published after the decisions, from this thread.
+    """
+    happened: list[Transition] = []
+    breaker = CircuitBreaker(
+        memory_breaker_backend(),
+        breaker_config,
+        clock=time.time,
+        on_transition=happened.append,
+        enabled=bool(gw.cb_enabled),
+    )
+
+    async def run() -> None:
+        for module, action in actions:
+            await breaker.force(module, action)
+
+    asyncio.run(run())
+    for transition in happened:
+        events.breaker_transition(transition)
+
+
+breaker_commands = BreakerCommands()
+watcher.listeners.append(breaker_commands)
 
 
 def build() -> Services:

@@ -1,4 +1,9 @@
-"""Configuration changes bump the shared snapshot version once the transaction commits."""
+"""Configuration changes bump the configuration version once the transaction commits.
+
+Saves and deletes (admin, API, commands, shells, ``loaddata``) come through these
+receivers; bulk writes that send no signal (``update``, ``bulk_create``,
+``bulk_update``) announce themselves in ``gateway.models.ConfigQuerySet``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,7 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from gateway.models import ApiClient, Module, Route
-from gateway.snapshot import bump_version
+from gateway.models import ApiClient, Module, Route, announce_change
 
 
 @receiver(post_save, sender=Module)
@@ -19,7 +23,7 @@ from gateway.snapshot import bump_version
 @receiver(post_delete, sender=Route)
 @receiver(post_delete, sender=ApiClient)
 def config_changed(sender: type, **kwargs: Any) -> None:
-    transaction.on_commit(bump_version)
+    transaction.on_commit(announce_change)
 
 
 @receiver(post_save, sender=Route)

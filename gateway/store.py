@@ -9,6 +9,7 @@ request; callers fall back to in-process state.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
@@ -19,6 +20,8 @@ from redis.exceptions import ResponseError
 from gateway.conf import gw
 from gateway.policies.deadline import answered, default_cap
 from gateway.resp import PipelinedRedis
+
+log = logging.getLogger(__name__)
 
 _async_clients: dict[int, aioredis.Redis] = {}
 _script_clients: dict[int, tuple[asyncio.AbstractEventLoop, PipelinedRedis]] = {}
@@ -34,6 +37,8 @@ _script_clients: dict[int, tuple[asyncio.AbstractEventLoop, PipelinedRedis]] = {
 GATE_SIZE = 32
 _sync_client: redis.Redis | None = None
 _lock = threading.Lock()
+#: Where the configuration version lives in Redis (``gateway.snapshot``).
+VERSION_KEY = "vx11:config:version"
 
 
 class _GatedRedis(aioredis.Redis):
@@ -108,6 +113,40 @@ def sync_client() -> redis.Redis:
                 redis_url(), socket_timeout=0.5, socket_connect_timeout=0.5
             )
         return _sync_client
+
+
+# --------------------------------------------------------------------------- config version
+
+
+class LocalVersion:
+    """This process's own configuration changes, counted: its snapshot follows them at once.
+
+    Other processes' changes arrive through the carrier (:func:`publish_version`: Redis;
+    without Redis the ``ConfigVersion`` row), which ``gateway.snapshot`` watches.
+    """
+
+    value = 0
+
+
+def bump_local() -> None:
+    with _lock:
+        LocalVersion.value += 1
+
+
+def publish_version() -> None:
+    """Announce a change on Redis when it is the carrier (no-op on the embedded default)."""
+    if not shared():
+        return
+    try:
+        sync_client().incr(VERSION_KEY)
+    except Exception:  # the change is saved; processes catch up at the next change
+        log.exception("could not publish the configuration version to Redis")
+
+
+def read_shared_version() -> int:
+    """The version in Redis (raises when Redis does not answer)."""
+    raw = sync_client().get(VERSION_KEY)
+    return int(raw or 0)
 
 
 def reset() -> None:

@@ -8,6 +8,13 @@ the process-wide in-memory state that the proxy's loop uses too
 (:func:`gateway.services.memory_breaker_backend`), so a reset or force is seen by the
 very next proxied request. The admin actions and ``manage.py breaker`` call the same
 functions.
+
+Without Redis an action is also written down for the other processes on the database
+(``BreakerCommand``, announced by a configuration version bump): the other workers of the
+gateway apply it within ``VX11_ROUTE_REFRESH_SECONDS`` (``gateway.services``). A
+management command is not a gateway: it passes ``local=False``, so it only writes the
+command and the module's ``BreakerState`` row (the state every gateway records on each
+transition), and ``breaker status`` reads those rows.
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
 from asgiref.sync import async_to_sync
+from django.db import transaction
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, extend_schema
 from rest_framework.request import Request
@@ -29,15 +39,23 @@ from rest_framework.views import APIView
 from gateway import events, services, store
 from gateway.api.authentication import principal_of
 from gateway.api.permissions import IsClient, ReadClientWriteAdmin
+from gateway.api.serializers import (
+    BreakerDetailSerializer,
+    BreakerPageSerializer,
+    ModuleListSerializer,
+)
 from gateway.conf import gw
+from gateway.models import BreakerCommand, BreakerState, announce_change
 from gateway.modules import ModuleInfo
 from gateway.policies.breaker import (
+    CLOSED,
     FORCE_ACTIONS,
     BreakerBackend,
     BreakerStatus,
     CircuitBreaker,
     FallbackBreakerBackend,
     RedisBreakerBackend,
+    _report,
 )
 from gateway.problems import InvalidRequest, NotFound
 
@@ -45,6 +63,15 @@ log = logging.getLogger("gateway.breaker")
 
 #: Store calls from management code may take longer than on the request path.
 MANAGEMENT_STORE_TIMEOUT = 2.0
+#: Commands older than this are pruned (each module's latest is kept: it may be an override).
+COMMAND_KEEP_SECONDS = 60.0
+#: What an action leaves in the module's ``BreakerState`` row when no gateway records it.
+_STORED_EFFECT: dict[str, dict[str, Any]] = {
+    "reset": {"state": CLOSED, "forced": "", "failure_count": 0, "opened_at": None},
+    "force_open": {"forced": "open"},
+    "force_closed": {"forced": "closed"},
+    "auto": {"forced": ""},
+}
 
 UNKNOWN_HEALTH: dict[str, Any] = {
     "status": "unknown",
@@ -111,18 +138,57 @@ def _run[T](modules: dict[str, ModuleInfo], op: Callable[[CircuitBreaker], Await
 
 
 def breaker_statuses(
-    modules: dict[str, ModuleInfo] | None = None, names: list[str] | None = None
+    modules: dict[str, ModuleInfo] | None = None,
+    names: list[str] | None = None,
+    *,
+    local: bool = True,
 ) -> dict[str, BreakerStatus]:
-    """The breakers of ``names`` (default: every known module), as read now."""
+    """The breakers of ``names`` (default: every known module), as read now.
+
+    ``local=False`` (a management command, no Redis): as the gateways last recorded them.
+    """
     table = module_table() if modules is None else modules
     wanted = sorted(table) if names is None else names
+    if not local and not store.shared():
+        return stored_statuses(table, wanted)
     return _run(table, lambda breaker: breaker.statuses(wanted))
 
 
+def stored_statuses(table: dict[str, ModuleInfo], names: list[str]) -> dict[str, BreakerStatus]:
+    """The ``BreakerState`` rows, reported as SPEC §6 says (open past its timeout: half-open)."""
+    rows = {row.module: row for row in BreakerState.objects.filter(module__in=names)}
+    now = time.time()
+    found: dict[str, BreakerStatus] = {}
+    for name in names:
+        row = rows.get(name)
+        cfg = services.module_config(table.get(name))
+        if row is None:
+            found[name] = _report(CLOSED, 0, None, None, None, cfg, now)
+            continue
+        found[name] = _report(
+            row.state,
+            row.failure_count,
+            row.last_failure.timestamp() if row.last_failure else None,
+            row.opened_at.timestamp() if row.opened_at else None,
+            row.forced or None,
+            cfg,
+            now,
+        )
+    return found
+
+
 def force_breaker(
-    module: str, action: str, modules: dict[str, ModuleInfo] | None = None
+    module: str,
+    action: str,
+    modules: dict[str, ModuleInfo] | None = None,
+    *,
+    local: bool = True,
 ) -> BreakerStatus:
-    """Apply an operator action (reset, force_open, force_closed, auto); the new status."""
+    """Apply an operator action (reset, force_open, force_closed, auto); the new status.
+
+    ``local``: this process is a gateway and applies it to its own breakers too (the
+    API, the admin); a management command passes False.
+    """
     if action not in FORCE_ACTIONS:
         raise ValueError(f"unknown action {action!r}")
     table = module_table() if modules is None else modules
@@ -131,7 +197,26 @@ def force_breaker(
         await breaker.force(module, action)
         return await breaker.status(module)
 
-    return _run(table, op)
+    if store.shared():
+        return _run(table, op)
+    status = _run(table, op) if local else None
+    queue_command(module, action, applied_here=local)
+    return status if status is not None else stored_statuses(table, [module])[module]
+
+
+def queue_command(module: str, action: str, *, applied_here: bool) -> None:
+    """Leave the action for the other processes on the database, and announce it."""
+    with transaction.atomic():
+        command = BreakerCommand.objects.create(
+            module=module, action=action, origin=services.PROCESS_ID if applied_here else ""
+        )
+        cutoff = timezone.now() - timedelta(seconds=COMMAND_KEEP_SECONDS)
+        BreakerCommand.objects.filter(
+            module=module, id__lt=command.id, created_at__lt=cutoff
+        ).delete()
+        if not applied_here:  # no gateway here records the transition: note its effect
+            BreakerState.objects.update_or_create(module=module, defaults=_STORED_EFFECT[action])
+        transaction.on_commit(announce_change)
 
 
 def health_rows() -> dict[str, dict[str, Any]]:
@@ -164,7 +249,7 @@ class ModuleListView(APIView):
     permission_classes = [IsClient]
 
     @extend_schema(
-        responses=OpenApiTypes.OBJECT,
+        responses=ModuleListSerializer,
         summary="Every module with its URL, health and breaker state",
     )
     def get(self, request: Request) -> Response:
@@ -190,7 +275,7 @@ class BreakerStatusView(APIView):
     permission_classes = [IsClient]
 
     @extend_schema(
-        responses=OpenApiTypes.OBJECT,
+        responses=BreakerPageSerializer,
         summary="Every module's circuit breaker",
         examples=[
             OpenApiExample(
@@ -235,14 +320,14 @@ def _status_body(module: str, status: BreakerStatus, **extra: Any) -> dict[str, 
 class BreakerDetailView(APIView):
     permission_classes = [ReadClientWriteAdmin]
 
-    @extend_schema(responses=OpenApiTypes.OBJECT, summary="One module's circuit breaker")
+    @extend_schema(responses=BreakerDetailSerializer, summary="One module's circuit breaker")
     def get(self, request: Request, module: str) -> Response:
         table = _known(module)
         return Response(_status_body(module, breaker_statuses(table, [module])[module]))
 
     @extend_schema(
         request=OpenApiTypes.OBJECT,
-        responses=OpenApiTypes.OBJECT,
+        responses=BreakerDetailSerializer,
         summary="Operator action on a breaker (admin)",
         description='Body `{"action": "reset" | "force_open" | "force_closed" | "auto"}`. '
         "reset: closed with counters cleared; force_open: refuse every call; force_closed: "

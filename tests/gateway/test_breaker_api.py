@@ -266,11 +266,18 @@ def test_admin_probe_now_reports_a_down_module(http, staff, gw_env):
 # --------------------------------------------------------------------------- command
 
 
-def test_breaker_command_without_redis_explains_where_to_go(transactional_db, gw_env):
-    with pytest.raises(CommandError) as caught:
-        call_command("breaker", "status")
-    text = str(caught.value)
-    assert "VX11_REDIS_URL" in text and "/vx11/circuit-breaker" in text and "admin" in text
+def test_breaker_command_without_redis_acts_on_the_gateway(http, operator_headers, gw_env):
+    """SPEC §16: with or without Redis (it used to refuse without one). Cross-process:
+    tests/gateway/test_cross_process.py."""
+    out = io.StringIO()
+    call_command("breaker", "open", "switch", stdout=out)
+    assert "switch: force_open done, now open" in out.getvalue()
+    assert proxied(http, operator_headers).json()["error"] == "circuit_open"
+    out = io.StringIO()
+    call_command("breaker", "status", "switch", stdout=out)
+    assert out.getvalue().splitlines()[1].split()[:3] == ["switch", "open", "open"]
+    call_command("breaker", "reset", "switch", stdout=io.StringIO())
+    assert proxied(http, operator_headers).status_code == 200
 
 
 def test_breaker_command_acts_on_shared_state_the_live_gateway_sees(

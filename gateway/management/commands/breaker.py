@@ -1,9 +1,12 @@
 """``manage.py breaker status [MODULE]`` and ``manage.py breaker reset|open|close|auto MODULE``.
 
-The command acts on the shared breaker state in Redis, which every gateway process and
-host reads. Without Redis each gateway process keeps its breakers in its own memory,
-out of reach of another process: then use the API (``POST /vx11/circuit-breaker/{module}``)
-or the admin's Modules page instead.
+With Redis the command acts on the shared breaker state, which every gateway process and
+host reads. Without Redis (the embedded default) each gateway process keeps its breakers in
+its own memory; the command acts through the database instead: an action is written as a
+``BreakerCommand`` row and announced with a configuration version bump, and every running
+gateway process applies it within ``VX11_ROUTE_REFRESH_SECONDS`` (a second at most; see
+``gateway.services``). ``status`` then reads the ``BreakerState`` rows the gateways write on
+each transition (failure counts between transitions are not written there).
 """
 
 from __future__ import annotations
@@ -14,15 +17,10 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway import store
+from gateway.api.breakers import breaker_statuses, force_breaker, module_table
+from gateway.snapshot import watches_database
 
 ACTIONS = {"reset": "reset", "open": "force_open", "close": "force_closed", "auto": "auto"}
-NO_STORE = (
-    "No shared store: VX11_REDIS_URL is not set, so breaker state lives inside each "
-    "running gateway process and this command cannot reach it (it acts only on the shared "
-    "Redis state). Use the API instead — GET /vx11/circuit-breaker/status, "
-    'POST /vx11/circuit-breaker/<module> {"action": "reset"|"force_open"|"force_closed"|'
-    '"auto"} with an admin token — or the admin: Gateway › Modules › actions.'
-)
 
 
 def _time(value: float | None) -> str:
@@ -33,8 +31,8 @@ def _time(value: float | None) -> str:
 
 class Command(BaseCommand):
     help = (
-        "Show or change circuit breakers in the shared (Redis) state: "
-        "status [MODULE] | reset|open|close|auto MODULE."
+        "Show or change circuit breakers (in Redis, or through the database on the "
+        "embedded default): status [MODULE] | reset|open|close|auto MODULE."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -42,12 +40,10 @@ class Command(BaseCommand):
         parser.add_argument("module", nargs="?")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from gateway.api.breakers import breaker_statuses, force_breaker, module_table
-
         action: str = options["action"]
         module: str | None = options["module"]
-        if not store.shared():
-            raise CommandError(NO_STORE)
+        # A command is not a gateway; only an in-memory database (tests) is one process.
+        local = not watches_database()
         if action != "status" and not module:
             raise CommandError(f"breaker {action} needs a MODULE")
         table = module_table()
@@ -55,13 +51,15 @@ class Command(BaseCommand):
             raise CommandError(f"unknown module {module!r}; known: {', '.join(sorted(table))}")
         if action == "status":
             names = [module] if module else sorted(table)
-            statuses = breaker_statuses(table, names)
+            statuses = breaker_statuses(table, names, local=local)
         else:
             assert module is not None
-            status = force_breaker(module, ACTIONS[action], table)
+            status = force_breaker(module, ACTIONS[action], table, local=local)
             self.stdout.write(
                 self.style.SUCCESS(f"{module}: {ACTIONS[action]} done, now {status.state}")
             )
+            if not store.shared() and not local:
+                self.stdout.write("Running gateways apply it within a second (no Redis).")
             statuses = {module: status}
         self.stdout.write(
             f"{'MODULE':<14} {'STATE':<10} {'FORCED':<7} {'FAILURES':>8} "
