@@ -47,6 +47,13 @@ KNOBS: tuple[Knob, ...] = (
         "Largest request body accepted (413 above).",
         minimum=0,
     ),
+    Knob(
+        "VX11_CLIENT_BODY_TIMEOUT",
+        "float",
+        10.0,
+        "Seconds a request body may make no progress before 408 (the upstream call is cancelled).",
+        minimum=0.01,
+    ),
     Knob("VX11_TRUSTED_PROXIES", "list", [], "CIDRs whose X-Forwarded-For is trusted."),
     Knob(
         "VX11_UPSTREAM_POOL_SIZE", "int", 512, "Upstream connections kept per process.", minimum=1
@@ -55,7 +62,7 @@ KNOBS: tuple[Knob, ...] = (
         "VX11_ROUTE_REFRESH_SECONDS",
         "float",
         0.5,
-        "How often a process checks the route/module/client table version in the shared store.",
+        "How often a process checks the configuration version (in Redis, else in the database).",
         minimum=0.05,
     ),
     # --- Context-7 ------------------------------------------------------
@@ -141,6 +148,20 @@ KNOBS: tuple[Knob, ...] = (
     # --- backpressure -------------------------------------------------------
     Knob("VX11_MAX_INFLIGHT", "int", 256, "Upstream calls in flight per process.", minimum=1),
     Knob("VX11_QUEUE_MAX", "int", 1000, "Waiters queued per process before shedding.", minimum=0),
+    Knob(
+        "VX11_MAX_CONNECTIONS",
+        "int",
+        10000,
+        "Client connections (HTTP and WebSocket) per worker; a new one past it gets 503.",
+        minimum=1,
+    ),
+    Knob(
+        "VX11_CLIENT_HEADER_TIMEOUT",
+        "float",
+        10.0,
+        "Seconds from a request head's first byte to its end before the connection is closed.",
+        minimum=0.1,
+    ),
     # --- health checks ------------------------------------------------------
     Knob("VX11_HEALTH_INTERVAL", "float", 5.0, "Probe interval while healthy (s).", minimum=0.1),
     Knob(
@@ -275,6 +296,14 @@ def reference_markdown() -> str:
         "| `DJANGO_ALLOWED_HOSTS` | localhost, 127.0.0.1, [::1] | Host names served |",
         "| `DJANGO_CSRF_TRUSTED_ORIGINS` | (empty) | Origins trusted for admin forms behind TLS |",
         "| `DJANGO_SECURE_COOKIES` | false | Session/CSRF cookies only over HTTPS |",
+        "| `DJANGO_SECURE_PROXY_SSL_HEADER` | false | Trust `X-Forwarded-Proto: https` "
+        "on Django's pages (the TLS proxy must overwrite it) |",
+        "| `DJANGO_SECURE_SSL_REDIRECT` | false | Redirect Django's pages to HTTPS |",
+        "| `DJANGO_SECURE_REDIRECT_EXEMPT` | ^health$, ^ready$, ^metrics$ | Paths (regexes, "
+        "no leading slash) never redirected |",
+        "| `DJANGO_SECURE_HSTS_SECONDS` | 0 | `Strict-Transport-Security` max-age (0: none) |",
+        "| `DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS` | false | HSTS for every subdomain too |",
+        "| `DJANGO_SECURE_HSTS_PRELOAD` | false | HSTS `preload` (browser preload lists) |",
         "| `DATABASE_URL` | SQLite file `var/vx11.sqlite3` | e.g. `postgres://user:pw@host/db` |",
         "| `VX11_VAR_DIR` | `./var` | Where the SQLite file and generated secrets live |",
         "| `VX11_LOG_LEVEL` | INFO | Level of the JSON logs |",

@@ -393,9 +393,10 @@ async def test_deeply_nested_json_is_a_400_not_a_crash(
 async def test_slow_clients_do_not_starve_others_and_idle_ones_are_closed(h: Hostile):
     """50 sockets trickle their headers a byte at a time, 50 more go idle after a request.
 
-    Meanwhile other clients are served as usual; uvicorn closes the idle keep-alive
-    sockets after ``--timeout-keep-alive`` (5 s). It has no timeout for a request's
-    headers: the trickling sockets stay open as long as they trickle (docs/RELIABILITY.md).
+    Meanwhile other clients are served as usual; the idle keep-alive sockets are closed
+    after ``--timeout-keep-alive`` (5 s). The trickling ones stay open until
+    ``VX11_CLIENT_HEADER_TIMEOUT`` (10 s, longer than this test; its own test is in
+    tests/reliability/test_connection_limits.py).
     """
     pid = pid_of(h.server)
     port = h.server.port
