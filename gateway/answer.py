@@ -8,8 +8,11 @@ permit, unrecorded. Whoever reads the body records the outcome once it is known:
 - the body broke off (cut short, broken chunk framing, a timeout): a failure, and the
   client sees a clean 502 if nothing was written yet (:func:`send_small`), else an
   aborted body (no last chunk; :func:`stream_response` lets the error propagate);
-- the client left: no outcome, the permit is given back (a half-open probe's slot is
-  free at once): what a client does is never the module's failure.
+- the client left (or the task was cancelled): no outcome, the permit is given back (a
+  half-open probe's slot is free at once): what a client does is never the module's
+  failure — but a failure status (a 503 whose reader left) is still recorded;
+- a streamed answer of a half-open probe is settled at its head, so the probe's lease is
+  not held for the length of the stream.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 
 from gateway import services
 from gateway.asgi_util import Receive, Send
-from gateway.policies.breaker import Permit
+from gateway.policies.breaker import CLOSED, Permit
 from gateway.problems import GatewayError
 from gateway.proxy import Call, response_headers
 from gateway.upstream import UpstreamResponse
@@ -59,11 +62,29 @@ async def read_answer(
         raise
     except BaseException:
         response.close()
-        await svc.breaker.release(call.module.name, permit)
+        await give_back(call, svc, response, permit)
         raise
     response.release()
     await settle(call, svc, response, permit, False)
     return body
+
+
+async def give_back(
+    call: Call, svc: services.Services, response: UpstreamResponse, permit: Permit
+) -> None:
+    """The answer was abandoned (the client left, or the task was cancelled) before its
+    body was read: nothing is learnt about the module — unless its status already is a
+    failure (a 503 whose reader left is still a 503), which is recorded."""
+    breaker = svc.breaker
+    if response.status in breaker.config_for(call.module.name).failure_statuses:
+        await settle(call, svc, response, permit, False)
+    else:
+        await breaker.release(call.module.name, permit)
+
+
+#: The permit of a streamed answer whose half-open probe was settled at its head: a
+#: later break of the body is an ordinary failure, with no probe lease left to settle.
+_SETTLED_AT_HEAD = Permit(True, CLOSED, 0.0)
 
 
 class ClientDisconnected(ConnectionResetError):
@@ -131,6 +152,13 @@ async def stream_response(
         if size is not None and size <= SMALL_ANSWER:
             await send_small(call, response, send, svc, permit)
             return
+    settled = False
+    if permit.probe_id is not None:
+        # A half-open probe's lease (30 s) must not last as long as the stream (minutes
+        # for a model's answer, or as long as a slow reader likes): the probe's outcome is
+        # its head's status, and a later break of the body counts as a plain failure.
+        await settle(call, svc, response, permit, False)
+        permit, settled = _SETTLED_AT_HEAD, True
     finished = False
     try:
         await send(
@@ -155,21 +183,27 @@ async def stream_response(
         await settle(call, svc, response, permit, True)
         raise
     except asyncio.CancelledError:
-        if watch is None or not watch.fired or watch.task is None:
-            raise
-        watch.task.uncancel()
-        call.client_gone = True
-        await svc.breaker.release(call.module.name, permit)
+        left = watch is not None and watch.fired and watch.task is not None
+        if left:
+            assert watch is not None and watch.task is not None
+            watch.task.uncancel()
+            call.client_gone = True
+        if not settled:
+            await give_back(call, svc, response, permit)
+        if not left:
+            raise  # cancelled for another reason (shutdown): the permit was given back
         raise ClientDisconnected("the client disconnected during the answer") from None
-    except BaseException:  # writing to a client that left (OSError): no outcome
-        await svc.breaker.release(call.module.name, permit)
+    except BaseException:  # writing to a client that left (OSError)
+        if not settled:
+            await give_back(call, svc, response, permit)
         raise
     finally:
         if watch is not None:
             watch.stop()
         if not finished:
             response.close()  # closes the module's connection: its request is cancelled
-    await settle(call, svc, response, permit, False)
+    if not settled:
+        await settle(call, svc, response, permit, False)
 
 
 async def send_small(
@@ -189,7 +223,7 @@ async def send_small(
         raise
     except BaseException:
         response.close()
-        await svc.breaker.release(call.module.name, permit)
+        await give_back(call, svc, response, permit)
         raise
     response.release()
     await svc.breaker.record(  # settle(..., False), inline: the common path

@@ -257,7 +257,20 @@ async def forward(
             if holding_retry:
                 budget.release_retry(module)
                 holding_retry = False
-            if error is not None and (call.client_gone or call.body_error is not None):
+            if error is not None and (
+                call.client_gone
+                or call.body_error is not None
+                # The module was reached but the exchange timed out or broke while the
+                # client's streamed upload was still under way: a slow (but moving) upload
+                # would otherwise let any client open the breaker. A connect failure still
+                # counts. (nginx never lets an upload touch the module: it buffers it.)
+                or (
+                    body is not None
+                    and not isinstance(body, bytes)
+                    and not call.body_complete
+                    and not isinstance(error, UpstreamUnavailable)
+                )
+            ):
                 await breaker.release(module, permit)
                 raise error  # rendered as the body's own error (or not at all: 499)
             retry_worthy = isinstance(error, UpstreamUnavailable) or (

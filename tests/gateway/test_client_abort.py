@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from typing import Any
 
@@ -243,3 +244,69 @@ def test_a_slow_but_steady_body_is_not_cut(http, upstream, gw_env):
         status, _, body = read_answer(sock)
     assert status == 200, body
     assert upstream.seen[-1].json() == {"a": "x" * 10 + "y" * 10 + "z" * 10 + "w" * 10}
+
+
+def test_a_slow_but_moving_upload_past_the_deadline_is_not_a_module_failure(
+    http, upstream, gw_env
+):
+    """A chunked upload that keeps moving (so never 408) until the route's deadline passes:
+    the module was reached, but the timeout is the upload's doing, not the module's. Three
+    of them used to open the breaker (any client could, repeatedly)."""
+    gw_env.set(VX11_SHUB_TIMEOUT="0.6", VX11_CLIENT_BODY_TIMEOUT="5")
+    reading = Reading()
+    upstream.route("POST", "/health", reading, read_body=False)
+    for n in range(3):
+        with socket.create_connection(("127.0.0.1", http.base_url.port or 80), timeout=10) as sock:
+            sock.sendall(head("/shub/health", "Transfer-Encoding: chunked") + b"1\r\na\r\n")
+            assert wait_until(lambda n=n: reading.started == n + 1)
+            status = 0
+            for _ in range(20):  # one byte every 0.1 s, for longer than the 0.6 s deadline
+                time.sleep(0.1)  # the client's pace under test
+                try:
+                    sock.sendall(b"1\r\nb\r\n")
+                except OSError:
+                    break
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+                data += chunk
+            status = int(data.split(b" ", 2)[1])
+        assert status == 504, data
+    state = breaker(http, "shub")
+    assert (state["state"], state["failure_count"]) == ("closed", 0)
+    assert http.post("/shub/health", content=b"{}").status_code == 200
+
+
+async def test_a_streamed_probe_closes_the_breaker_at_its_head(gateway, upstream, gw_env):
+    """A half-open probe whose answer streams for longer than one would wait: its outcome
+    is its head's status, so the breaker closes at once instead of staying half-open (and
+    refusing everyone) for the length of the stream or until the probe's lease expires."""
+    gw_env.set(VX11_CB_RECOVERY_TIMEOUT="0.2")
+    upstream.respond("POST", "/switch/task", status=503)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+        for _ in range(3):
+            assert (await client.post("/vx11/route/task", json={}, headers=H)).status_code == 503
+        release = threading.Event()  # the upstream runs on a loop of its own
+
+        async def long_stream(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(b"data: first\n\n")
+            while not release.is_set():
+                await asyncio.sleep(0.02)
+            await response.write(b"data: last\n\n")
+            return response
+
+        upstream.route("POST", "/switch/task", long_stream)
+        await asyncio.sleep(0.3)  # open -> half-open
+        async with client.stream("POST", "/vx11/route/task", json={}, headers=H) as probe:
+            assert probe.status_code == 200
+            chunks = probe.aiter_bytes()
+            assert b"first" in await anext(chunks)
+            status = (await client.get("/vx11/circuit-breaker/status", headers=H)).json()
+            assert status["breakers"]["switch"]["state"] == "closed"  # mid-stream
+            upstream.respond("POST", "/switch/task", body={"ok": True})
+            other = await client.post("/vx11/route/task", json={}, headers=H)
+            assert other.status_code == 200, other.text
+            release.set()
+            rest = b"".join([c async for c in chunks])
+        assert b"last" in rest
