@@ -12,20 +12,9 @@ operations) and one sweep per event loop, armed only while someone waits, cancel
 readers whose time has passed. The price is precision: a timeout fires between its
 deadline and one sweep interval (a tenth of the timeout, at most 1 s) later.
 
-Readers use it as (inline: no extra call or await per body message)::
-
-    watch = waits()
-    watch.waiting[task] = watch.deadline()
-    if watch.handle is None:
-        watch.arm()
-    try:
-        message = await receive()
-    except asyncio.CancelledError:
-        if watch.expired(task):
-            raise <the 408 problem> from None
-        raise
-    finally:
-        watch.waiting.pop(task, None)
+One reader, ``gateway.proxy._receive``, uses it for every body message: it puts
+``task -> deadline`` in ``waiting``, arms the sweep if needed, and on cancellation asks
+``expired(task)`` whether the sweep cancelled it (then the 408 problem is raised).
 
 The task that awaits ``receive`` is the one cancelled, whichever it is (the request's own
 task, or aiohttp's task that streams a request body upstream).

@@ -189,28 +189,12 @@ async def read_body(call: Call, receive: Receive, first: bytes = b"") -> AsyncIt
     """
     limit = int(gw.max_body_bytes)
     watch = bodytimer.waits()
-    waiting = watch.waiting
     size = len(first)
     if first:
         yield first
     deadline = watch.deadline()
     while True:
-        task = asyncio.current_task()  # whichever task iterates: aiohttp's writer, or ours
-        assert task is not None
-        waiting[task] = deadline
-        if watch.handle is None:
-            watch.arm()
-        try:
-            message = await receive()
-        except asyncio.CancelledError:
-            if watch.expired(task):
-                raise _stalled(call) from None
-            raise
-        finally:
-            waiting.pop(task, None)
-        if message["type"] == "http.disconnect":
-            call.client_gone = True
-            raise ClientGone()
+        message = await _receive(call, receive, watch, deadline)
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -224,6 +208,30 @@ async def read_body(call: Call, receive: Receive, first: bytes = b"") -> AsyncIt
             return
 
 
+async def _receive(
+    call: Call, receive: Receive, watch: bodytimer.BodyWaits, deadline: float
+) -> Message:
+    """One request-body message, waited for at most until ``deadline`` (408 after it);
+    a disconnect raises ``ClientGone``."""
+    task = asyncio.current_task()  # whichever task iterates: aiohttp's writer, or ours
+    assert task is not None
+    watch.waiting[task] = deadline
+    if watch.handle is None:
+        watch.arm()
+    try:
+        message = await receive()
+    except asyncio.CancelledError:
+        if watch.expired(task):
+            raise _stalled(call) from None
+        raise
+    finally:
+        watch.waiting.pop(task, None)
+    if message["type"] == "http.disconnect":
+        call.client_gone = True
+        raise ClientGone()
+    return message
+
+
 def _stalled(call: Call) -> RequestTimeout:
     call.body_error = RequestTimeout(
         f"The request body made no progress for {float(gw.client_body_timeout):g} s."
@@ -235,23 +243,7 @@ async def read_small(call: Call, receive: Receive) -> bytes | AsyncIterator[byte
     """The body as bytes when it arrives in one message (the common small JSON case:
     cheaper to send than a stream), else a stream that starts with what was read."""
     watch = bodytimer.waits()
-    task = asyncio.current_task()
-    assert task is not None
-    waiting = watch.waiting
-    waiting[task] = watch.deadline()
-    if watch.handle is None:
-        watch.arm()
-    try:
-        first = await receive()
-    except asyncio.CancelledError:
-        if watch.expired(task):
-            raise _stalled(call) from None
-        raise
-    finally:
-        waiting.pop(task, None)
-    if first["type"] == "http.disconnect":
-        call.client_gone = True
-        raise ClientGone()
+    first = await _receive(call, receive, watch, watch.deadline())
     chunk: bytes = first.get("body", b"")
     if len(chunk) > int(gw.max_body_bytes):
         call.body_error = PayloadTooLarge(f"The request body exceeds {gw.max_body_bytes} bytes.")

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from gateway.startup import server_command
 from tests.servers import (
     ROOT,
     PostgresServer,
@@ -407,16 +408,10 @@ class NsProcess:
 
 
 class NsGateway(NsProcess):
-    """``uvicorn vx11site.asgi:application`` on the namespace's own address."""
+    """The gateway's server command line on the namespace's own address."""
 
     def __init__(self, host: Host, env: dict[str, str]) -> None:
-        args = [
-            sys.executable,
-            *("-m", "uvicorn", "vx11site.asgi:application"),
-            *("--host", host.address, "--port", str(GATEWAY_PORT)),
-            *("--no-access-log", "--no-proxy-headers", "--log-level", "warning"),
-            *("--timeout-graceful-shutdown", "2"),
-        ]
+        args = server_command(host.address, GATEWAY_PORT, 1, "--timeout-graceful-shutdown", "2")
         super().__init__(host, args, env, "gw")
 
     @property
