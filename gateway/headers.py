@@ -59,11 +59,6 @@ DROP_DOWNSTREAM = HOP_BY_HOP | frozenset({b"server", b"date", b"x-correlation-id
 OWNED_PREFIXES = (b"x-vx11-", b"ratelimit", b"x-ratelimit-")
 
 
-def connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names a ``Connection`` header declares hop-by-hop."""
-    return listed_names([value for name, value in headers if name.lower() == b"connection"])
-
-
 def listed_names(connection_values: list[bytes]) -> frozenset[bytes]:
     """Header names named by the values of the ``Connection`` header lines."""
     named: set[bytes] = set()
@@ -186,7 +181,7 @@ _NOTHING: frozenset[bytes] = frozenset()
 class EdgeSettings:
     """The Django settings the proxy path applies, read once (again when a test changes one)."""
 
-    __slots__ = ("allowed_hosts", "cookie_names", "hosts_seen")
+    __slots__ = ("allowed_hosts", "cookie_names", "drop_upstream", "hosts_seen")
 
     def __init__(self) -> None:
         allowed = list(settings.ALLOWED_HOSTS)
@@ -199,11 +194,18 @@ class EdgeSettings:
                 str(settings.CSRF_COOKIE_NAME).encode("latin-1"),
             }
         )
+        #: What never goes upstream: ``DROP_UPSTREAM`` and Django's CSRF header
+        #: (``X-CSRFToken``: Swagger UI's "try it out" sends it on every POST; unmasked,
+        #: it is the CSRF cookie's secret).
+        csrf_header = str(settings.CSRF_HEADER_NAME).removeprefix("HTTP_")
+        self.drop_upstream = DROP_UPSTREAM | {csrf_header.lower().replace("_", "-").encode()}
         #: Host header value -> whether it is allowed (bounded: see ``host_allowed``).
         self.hosts_seen: dict[str, bool] = {}
 
 
-_EDGE_SETTINGS = frozenset({"ALLOWED_HOSTS", "DEBUG", "SESSION_COOKIE_NAME", "CSRF_COOKIE_NAME"})
+_EDGE_SETTINGS = frozenset(
+    {"ALLOWED_HOSTS", "DEBUG", "SESSION_COOKIE_NAME", "CSRF_COOKIE_NAME", "CSRF_HEADER_NAME"}
+)
 _HOSTS_REMEMBERED = 256
 _edge: EdgeSettings | None = None
 
@@ -261,9 +263,18 @@ def strip_gateway_cookies(lines: list[bytes]) -> bytes | None:
 
 
 def sets_gateway_cookie(value: bytes) -> bool:
-    """Whether a ``Set-Cookie`` value would set the gateway's session or CSRF cookie."""
+    """Whether a ``Set-Cookie`` value would set the gateway's session or CSRF cookie.
+
+    Also a nameless cookie whose value starts with one of those names
+    (``=sessionid=…``): browsers store it (RFC 6265bis) and send it back as
+    ``Cookie: sessionid=…``, which Django would read as the session cookie.
+    """
     pair = value.split(b";", 1)[0]
-    return b"=" in pair and pair.split(b"=", 1)[0].strip() in edge().cookie_names
+    name, equals, rest = pair.partition(b"=")
+    name = name.strip()
+    if not name and equals:
+        name = rest.partition(b"=")[0].strip()
+    return name in edge().cookie_names
 
 
 # --------------------------------------------------------------------------- X-Forwarded-*

@@ -319,6 +319,9 @@ async def serve_cached(call: Call, svc: services.Services, send: Send) -> None:
     # The query string is not part of the key (nginx's ``proxy_cache_key`` without
     # ``$args``): anonymous callers cannot miss the cache at will with ``?1``, ``?2``…
     key = "shub:" + call.upstream_path_key
+    # Nor is it sent upstream: the answer is shared by everyone, so the first caller's
+    # query (``?verbose=1``) must not choose what every other caller gets for the TTL.
+    call.query = b""
 
     async def fetch() -> CachedResponse:
         async with slot(call, svc):

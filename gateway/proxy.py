@@ -23,10 +23,10 @@ from gateway.asgi_util import Message, Receive, Scope, Send, send_bytes
 from gateway.conf import gw
 from gateway.headers import (
     DROP_DOWNSTREAM,
-    DROP_UPSTREAM,
     OWNED_PREFIXES,
     RequestHead,
     client_ip,
+    edge,
     forwarded_proto,
     host_allowed,
     listed_names,
@@ -131,12 +131,13 @@ class Call:
         """
         raw: list[tuple[bytes, bytes]] = self.scope["headers"]
         listed = self.head.listed() if self.head is not None else _NONE
+        drop = edge().drop_upstream
         out: list[tuple[str, str]] = []
         traceparent = tracestate = None
         cookies: list[bytes] | None = None
         for name, value in raw:
             lname = name.lower()
-            if lname in DROP_UPSTREAM or lname in listed:
+            if lname in drop or lname in listed:
                 if lname == b"traceparent":
                     traceparent = value.decode("latin-1")
                 elif lname == b"tracestate":

@@ -29,6 +29,7 @@ from tests.conftest import GATEWAY_TOKEN, OPERATOR_TOKEN
 from tests.servers import ROOT, GatewayProcess, free_port, fresh_database_url
 
 GW = {"X-VX11-GW-Token": GATEWAY_TOKEN}
+OP = {"X-VX11-Token": OPERATOR_TOKEN}
 
 
 # --------------------------------------------------------------------------- raw sockets
@@ -471,3 +472,31 @@ def test_check_deploy_warns_when_behind_tls_without_trusted_proxies(tmp_path: Pa
         timeout=120,
     )
     assert "gateway.W005" in done.stdout + done.stderr
+
+
+def test_the_csrf_header_never_reaches_the_module(http, upstream):
+    """Swagger UI's "try it out" sends X-CSRFToken on every POST; unmasked it is the CSRF
+    cookie's secret, so it is a gateway credential like the cookie."""
+    r = http.post(
+        "/vx11/route/task",
+        json={},
+        headers={**OP, "X-CSRFToken": "a" * 64, "X-Other": "kept"},
+    )
+    assert r.status_code == 200, r.text
+    sent = {k.lower(): v for k, v in upstream.seen[-1].headers.items()}
+    assert "x-csrftoken" not in sent
+    assert sent.get("x-other") == "kept"
+
+
+def test_a_nameless_set_cookie_cannot_set_the_session_cookie(http, upstream):
+    """``Set-Cookie: =sessionid=X`` is stored by browsers with an empty name and sent back
+    as ``Cookie: sessionid=X``: it is dropped like a plain ``sessionid=X``."""
+    upstream.respond(
+        "POST",
+        "/switch/task",
+        body={"ok": True},
+        headers={"Set-Cookie": "=sessionid=ATTACKER; Path=/"},
+    )
+    r = http.post("/vx11/route/task", json={}, headers=OP)
+    assert r.status_code == 200
+    assert "set-cookie" not in r.headers

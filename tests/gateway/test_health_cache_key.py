@@ -13,3 +13,11 @@ def test_distinct_query_strings_do_not_bust_the_health_cache(http, upstream, pat
     assert [a.headers["x-cache"] for a in answers] == ["MISS"] + ["HIT"] * 39
     upstream_path = path.removeprefix("/shub")
     assert len([s for s in upstream.seen if s.path == upstream_path]) == 1
+
+
+def test_the_first_callers_query_does_not_choose_the_shared_answer(http, upstream):
+    """The cached answer is everyone's: the module is asked without the first caller's query
+    (``?verbose=1`` would otherwise decide what every caller gets for the TTL)."""
+    assert http.get("/shub/health?verbose=1").status_code == 200
+    seen = [s for s in upstream.seen if s.path == "/health"]
+    assert [s.query for s in seen] == [""]
