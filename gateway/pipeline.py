@@ -34,7 +34,7 @@ from gateway.problems import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.proxy import Call, ClientGone, declared_length, read_all, read_small
+from gateway.proxy import Call, ClientGone, read_all, read_small
 from gateway.upstream import Body, UpstreamResponse
 
 CACHED_PATHS = frozenset({"/shub/health", "/shub/ready"})
@@ -52,12 +52,12 @@ def replay_fits(call: Call) -> bool:
     unknown-size) body is streamed once, without retries, so memory stays bounded
     whatever ``VX11_MAX_BODY_BYTES`` allows.
     """
-    length = declared_length(call.scope)
+    length = call.length
     return length is not None and length <= REPLAY_LIMIT
 
 
 def has_body(call: Call) -> bool:
-    length = declared_length(call.scope)
+    length = call.length
     if length is not None:
         return length > 0
     return any(k == b"transfer-encoding" for k, _ in call.scope["headers"])

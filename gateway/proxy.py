@@ -102,6 +102,7 @@ class Call:
     head: RequestHead | None = None  # the headers read in one pass (ProxyApp.__call__)
     forwarded_host: str = ""  # the validated Host
     forwarded_proto: str = "http"
+    length: int | None = None  # the declared Content-Length, parsed once
 
     @property
     def upstream_path_key(self) -> str:
@@ -171,13 +172,6 @@ class Call:
 
 
 _NONE: frozenset[bytes] = frozenset()
-
-
-def _first(raw: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in raw:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 async def read_body(call: Call, receive: Receive, first: bytes = b"") -> AsyncIterator[bytes]:
@@ -257,10 +251,6 @@ async def read_small(call: Call, receive: Receive) -> bytes | AsyncIterator[byte
 async def read_all(call: Call, receive: Receive) -> bytes:
     parts = [chunk async for chunk in read_body(call, receive)]
     return b"".join(parts)
-
-
-def declared_length(scope: Scope) -> int | None:
-    return parse_length(_first(scope["headers"], b"content-length"))
 
 
 def parse_length(value: str | None) -> int | None:
@@ -560,6 +550,7 @@ class ProxyApp:
         call.deadline = call.started + timeout
         call.drop_authorization = self._authorization_is_gateway_credential(head, snapshot)
         call.head = head
+        call.length = length
         call.forwarded_proto = forwarded_proto(
             str(scope.get("scheme", "http")), head.forwarded_proto, peer, trusted
         )
