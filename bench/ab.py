@@ -1,0 +1,149 @@
+"""Before/after on one machine: two gateway trees side by side, driven in alternating bursts.
+
+    git worktree add /tmp/before <commit>
+    .venv/bin/python -m bench.ab --before /tmp/before [--redis] [--bursts 8] [--seconds 3]
+
+``bench.run`` compares the gateway with a bare proxy run after it; on a noisy machine the
+reference itself moves by ±10 % between runs, and so does the ratio. Here both gateways
+(the tree given as ``--before`` and this one) run at the same time against one upstream,
+each with its own SQLite file (and its own Redis with ``--redis``), and ``wrk`` drives them
+in alternating bursts (A B, B A, …), so slow phases of the machine hit both. Printed: req/s
+and the gateway process's CPU time per request, over all bursts and per burst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.run import TOKEN, cpu_seconds
+from tests.servers import RedisServer, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = f"""wrk.method = "POST"
+wrk.body = '{{"prompt":"benchmark","session_id":"bench-1"}}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-VX11-Token"] = "{TOKEN}"
+"""
+
+
+def start_gateway(
+    tree: Path, upstream: str, redis_url: str | None
+) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "VX11_TOKEN": TOKEN,
+        "VX11_VAR_DIR": tempfile.mkdtemp(prefix="vx11-ab-"),
+        "VX11_MODULE_SWITCH_URL": upstream,
+        "DJANGO_DEBUG": "0",
+        "VX11_RATE_LIMIT_TOKEN": "100000000",
+        "VX11_RATE_LIMIT_IP": "100000000",
+        "VX11_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(tree),
+    }
+    env.pop("DATABASE_URL", None)
+    if redis_url:
+        env["VX11_REDIS_URL"] = redis_url
+    py = sys.executable
+    subprocess.run([py, "manage.py", "migrate", "-v0"], cwd=tree, env=env, check=True)
+    # Each tree's own server command line (the flags may differ between commits).
+    script = (
+        "from gateway.startup import server_command; "
+        f"print(chr(0).join(server_command('127.0.0.1', {port})))"
+    )
+    cmd = subprocess.run(
+        [py, "-c", script], cwd=tree, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    proc = subprocess.Popen(cmd.split("\0"), cwd=tree, env=env)
+    wait_for_port(port)
+    return proc, port
+
+
+def burst(pid: int, port: int, seconds: int, lua: str) -> tuple[int, float]:
+    before = cpu_seconds(pid)
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            "-c32",
+            f"-d{seconds}s",
+            "-s",
+            lua,
+            f"http://127.0.0.1:{port}/vx11/route/task",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    used = cpu_seconds(pid) - before
+    done = next(line for line in out.splitlines() if "requests in" in line)
+    if "Non-2xx" in out:
+        raise SystemExit(f"non-2xx answers on port {port}:\n{out}")
+    return int(done.split()[0]), used
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--before", required=True, type=Path, help="the other tree (a worktree)")
+    parser.add_argument("--redis", action="store_true")
+    parser.add_argument("--bursts", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=3)
+    args = parser.parse_args()
+    trees = {"before": args.before.resolve(), "after": ROOT}
+    py = sys.executable
+    up_port = free_port()
+    procs: list[subprocess.Popen[bytes]] = [
+        subprocess.Popen([py, "-m", "bench.servers", "upstream", str(up_port)], cwd=ROOT)
+    ]
+    redises: list[RedisServer] = []
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(LUA)
+    try:
+        wait_for_port(up_port)
+        gateways: dict[str, tuple[int, int]] = {}
+        for name, tree in trees.items():
+            redis_url = None
+            if args.redis:
+                redises.append(RedisServer().start())
+                redis_url = redises[-1].url
+            proc, port = start_gateway(tree, f"http://127.0.0.1:{up_port}", redis_url)
+            procs.append(proc)
+            gateways[name] = (proc.pid, port)
+        for pid, port in gateways.values():
+            burst(pid, port, 2, lua.name)  # warm-up: pools, snapshot, breaker keys
+        totals: dict[str, list[float]] = {name: [0, 0.0] for name in gateways}
+        per_burst: dict[str, list[int]] = {name: [] for name in gateways}
+        for i in range(args.bursts):
+            for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
+                count, used = burst(*gateways[name], args.seconds, lua.name)
+                totals[name][0] += count
+                totals[name][1] += used
+                per_burst[name].append(round(used / count * 1e6))
+        mode = "redis" if args.redis else "in-process"
+        for name, (requests, cpu) in totals.items():
+            print(
+                f"{mode} {name:6}: {requests / (args.bursts * args.seconds):6.0f} req/s, "
+                f"{cpu / requests * 1e6:4.0f} µs CPU/req; per burst {per_burst[name]}"
+            )
+        change = (
+            totals["after"][1] / totals["after"][0] / (totals["before"][1] / totals["before"][0])
+        )
+        print(f"CPU per request, after / before: {change:.3f}")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+        for server in redises:
+            server.close()
+        os.unlink(lua.name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
