@@ -154,8 +154,8 @@ class Connection(asyncio.Protocol):
             return
         if self.head is None:
             return  # idle connection closed by the module: the pool drops it
-        if self.status and self.length == UNSIZED:
-            self.complete = True  # a close-delimited body ends with the connection
+        if self.status and self.length == UNSIZED and exc is None:
+            self.complete = True  # a close-delimited body ends with the connection's FIN
             self._wake()
             return
         self._fail(
@@ -273,11 +273,13 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ one exchange
 
     def send(self, data: bytes, bodiless: bool = False) -> asyncio.Future[None]:
-        assert self.transport is not None
+        transport = self.transport
+        if transport is None:  # the module spoke before our request (data_received closed)
+            raise UpstreamClosed("the module closed the connection or spoke unasked")
         self._reset()
         self.bodiless = bodiless
         self.head = self.loop.create_future()
-        self.transport.write(data)
+        transport.write(data)
         return self.head
 
     async def next_chunk(self) -> bytes | None:

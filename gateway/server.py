@@ -14,6 +14,11 @@ every request, on old connections too). :class:`GatewayHttpProtocol` adds what n
   ``invalid_request``) and the connection closed; nothing past the limit is handed to
   the parser, so no more than the limit is buffered. Every request on a kept-alive
   connection is counted afresh.
+- request trailers (fields after a chunked body) are dropped, as nginx ignores them:
+  uvicorn would append them to ``scope["headers"]`` while the request runs. In the body
+  phase, bytes that bring no body byte (chunk framing, extensions, a trailer section) are
+  bounded by the same ``MAX_HEADER_BYTES`` (plus the rest of one read): past it the
+  connection is closed (httptools would buffer a trailer value without end).
 - a head not complete ``VX11_CLIENT_HEADER_TIMEOUT`` seconds after its first byte, and a
   connection idle past ``--timeout-keep-alive`` (after a response, or since it was
   opened), is closed.
@@ -24,7 +29,8 @@ every request, on old connections too). :class:`GatewayHttpProtocol` adds what n
 The deadlines need no timer per request: each connection holds a countdown of ticks
 that one sweep per worker and event loop decrements (it replaces uvicorn's keep-alive
 ``call_later``, ≈3 µs per request with uvloop). The proxy path pays one integer add
-per ``data_received`` and a few attribute stores per request.
+per ``data_received``, one attribute test per header field and a few attribute stores
+per request.
 
 Selected with ``uvicorn --http gateway.server:GatewayHttpProtocol`` (``server_command``).
 It relies on uvicorn 0.54's internals (pinned in requirements.txt);
@@ -40,6 +46,7 @@ from typing import Any
 
 import httptools
 from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
@@ -113,6 +120,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _ticks = 0  # sweeps left before deadline_passed(); 0: no deadline
     _draining = False  # refused: what arrives is dropped until the linger ends
     _too_many_fields = False
+    _stalled = 0  # body phase: bytes received since the last body byte (or the head's end)
 
     def __init__(
         self,
@@ -149,7 +157,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             if self._head_bytes > self._head_limit:
                 self._past_limit(data)
                 return
+            self._feed(data)
+            return
+        self._stalled += len(data)
         self._feed(data)
+        if self._stalled > MAX_HEADER_BYTES:  # on_body and on_message_complete reset it
+            self.refuse(HeadersTooLarge())
 
     def _feed(self, data: bytes) -> None:
         # uvicorn's data_received, less its keep-alive timer (the sweep replaces it).
@@ -184,6 +197,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # ------------------------------------------------------------------ parser callbacks
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's, for the head only: a trailer field is dropped (nginx ignores them).
+        if self._head_open:
+            name = name.lower()
+            if name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
+            self.headers.append((name, value))
+
     def on_headers_complete(self) -> None:
         self._head_open = False
         self._ticks = 0
@@ -192,9 +213,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             raise _TooManyFields
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        # uvicorn's, and progress: the bytes without a body byte are counted from here.
+        self._stalled = 0
+        if (
+            self.parser.should_upgrade() and self._should_upgrade()
+        ) or self.cycle.response_complete:
+            return
+        self.cycle.body += body
+        if len(self.cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        self.cycle.message_event.set()
+
     def on_message_complete(self) -> None:
         self._head_open = True
         self._head_bytes = 0
+        self._stalled = 0
         super().on_message_complete()
 
     def on_response_complete(self) -> None:

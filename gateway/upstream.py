@@ -7,7 +7,8 @@ Two clients, one interface (:class:`UpstreamResponse`):
   keep-alive pool per module, ≈ 20 µs CPU per round trip against aiohttp's ≈ 70 µs
   (``python -m bench.clients``; docs/PERFORMANCE.md);
 - aiohttp's client for streamed request bodies (large or chunked), which it sends with
-  back-pressure.
+  back-pressure: one connection per upload (an idle aiohttp connection would take an
+  answer a module sends unasked), the answer's framing held to ``gateway.h1``'s rules.
 
 httpx (≈ 800 µs per round trip here) stays where its cost does not matter: health probes,
 the demo, tests.
@@ -27,6 +28,7 @@ import yarl
 
 from gateway import h1
 from gateway.conf import gw
+from gateway.h1_head import FRAMING_NAME_SIZES, MAX_FIELDS, MAX_HEAD_BYTES, UNSIZED, framing
 from gateway.problems import (
     BadGateway,
     GatewayError,
@@ -47,7 +49,10 @@ def session() -> aiohttp.ClientSession:
             limit=int(gw.upstream_pool_size),
             limit_per_host=0,
             ttl_dns_cache=300,
-            keepalive_timeout=30,
+            # One connection per upload: aiohttp parses what a module sends on an idle
+            # keep-alive connection and hands it to the next request on it (an injected
+            # answer). Uploads are large or chunked: one handshake more is nothing.
+            force_close=True,
             enable_cleanup_closed=True,
         )
         client = aiohttp.ClientSession(
@@ -56,6 +61,11 @@ def session() -> aiohttp.ClientSession:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None),
+            # gateway.h1's limits, as near as aiohttp has them (it has no bound on the
+            # whole head: 100 fields of at most 64 KiB each)
+            max_line_size=MAX_HEAD_BYTES,
+            max_field_size=MAX_HEAD_BYTES,
+            max_headers=MAX_FIELDS,
         )
         _sessions[id(loop)] = client
     return client
@@ -253,4 +263,21 @@ async def send(
     if not 100 <= streamed.status <= 599:
         streamed.close()
         raise BadGateway(f"The module sent no valid answer: status {streamed.status}.")
+    refusal = _framing_refusal(streamed.raw_headers)
+    if refusal is not None:
+        streamed.close()
+        raise BadGateway(f"The module sent no valid answer: invalid answer: {refusal}.")
     return AiohttpUpstreamResponse(streamed)
+
+
+def _framing_refusal(headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
+    """Why ``gateway.h1`` would refuse this head's framing (a ``Transfer-Encoding`` other
+    than exactly one ``chunked``, or with a ``Content-Length``); ``None``: it would not."""
+    length = UNSIZED
+    for name, value in headers:
+        if len(name) in FRAMING_NAME_SIZES:
+            found = framing(length, name, value)
+            if type(found) is str:
+                return found
+            length = found  # type: ignore[assignment]  # a str is returned above
+    return None

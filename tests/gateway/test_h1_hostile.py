@@ -10,7 +10,9 @@ gateway cannot read unambiguously is refused instead of guessed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import uvloop
 
 from gateway import h1, upstream
 from gateway.problems import BadGateway, InvalidRequest
@@ -93,6 +96,8 @@ class Raw:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.received += len(head)
                 self.requests.append(head)
+                if b"\r\ntransfer-encoding: chunked\r\n" in head.lower():
+                    await reader.readuntil(b"\r\n0\r\n\r\n")  # the tests' bodies: simple
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         await reader.readexactly(int(line.split(b":", 1)[1]))
@@ -144,6 +149,12 @@ async def get(
         raise
     response.release()
     return response.status, response.headers, data
+
+
+async def streamed(*parts: bytes) -> AsyncIterator[bytes]:
+    """A request body aiohttp sends chunked (the streamed path)."""
+    for part in parts:
+        yield part
 
 
 def names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
@@ -400,6 +411,23 @@ async def test_a_transfer_coding_other_than_chunked_is_a_502(
         await get(server)
 
 
+async def test_a_transfer_coding_other_than_chunked_is_a_502_on_the_streamed_path_too(
+    raw: Callable[[Script], Awaitable[Raw]],
+) -> None:
+    codings = [
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked,\r\n",
+    ]
+    server = await raw(
+        lambda conn, n: [(b"HTTP/1.1 200 OK\r\n" + codings[n - 1] + b"\r\n2\r\nok\r\n0\r\n\r\n", 0)]
+    )
+    for _ in codings:
+        with pytest.raises(BadGateway, match="Transfer-Encoding"):
+            await upstream.send("POST", server.url, "/x", [], streamed(b"{}"), 5.0)
+    assert len(server.requests) == len(codings)
+
+
 @pytest.mark.parametrize(
     ("body", "then"),
     [
@@ -506,3 +534,145 @@ def test_a_gateway_client_never_receives_an_answer_injected_by_a_module(
         assert "location" not in r.headers and "set-cookie" not in r.headers
         assert r.headers.get_list("content-length") == [str(len(r.content))]
     assert seen == [2, 2]  # the poisoned connection was not reused
+
+
+# --------------------------------------------------------------------------- review of #12
+
+
+@contextlib.contextmanager
+def socket_module(serve: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A module on raw blocking sockets: ``serve(conn)`` runs for each connection, on its
+    own thread (the connection is closed when it returns, unless it closed it itself)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def one(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            serve(conn)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            conn.settimeout(5)
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(2)
+        sock.close()
+
+
+def read_head(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            break
+        data += more
+    return data
+
+
+def reset(conn: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), not a FIN."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+@pytest.mark.parametrize("cut", ["reset", "fin"])
+async def test_a_close_delimited_answer_cut_by_a_reset_is_not_complete(cut: str) -> None:
+    """No Content-Length, not chunked: the body ends with the connection's FIN; a reset
+    means it was cut, and a cut answer must not reach the client as a whole one."""
+
+    def serve(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial")
+        time.sleep(0.1)  # the head and the bytes are read first
+        if cut == "reset":
+            reset(conn)
+
+    with socket_module(serve) as url:
+        try:
+            response = await upstream.send("GET", url, "/x", [], None, 5.0)
+            assert (response.status, response.content_length()) == (200, None)
+            received = []
+            if cut == "fin":
+                async for chunk in response.iter_chunks():
+                    received.append(chunk)
+                assert b"".join(received) == b"partial"
+                response.release()
+            else:
+                with pytest.raises(BadGateway, match="broke off: UpstreamClosed"):
+                    async for chunk in response.iter_chunks():
+                        received.append(chunk)
+                response.close()
+                assert b"".join(received) in (b"", b"partial")
+        finally:
+            await upstream.close()
+
+
+def test_a_module_that_speaks_before_the_request_is_a_502_not_a_crash() -> None:
+    """A banner right on accept: with uvloop (as in production) it can be read between the
+    connect and the request's write; the exchange fails as the module's error (502, the
+    breaker records it), never with an AssertionError (a 500 and a leaked permit)."""
+
+    def serve(conn: socket.socket) -> None:
+        conn.sendall(b"220 smtp.example ESMTP ready\r\n")
+        time.sleep(1.0)
+
+    async def main(url: str) -> list[str]:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.Handle | None = None
+
+        def busy() -> None:  # a loaded loop: the banner is in the socket at each poll
+            nonlocal handle
+            time.sleep(0.01)
+            handle = loop.call_soon(busy)
+
+        busy()
+        outcomes = []
+        try:
+            for method, body in (("GET", None), ("POST", b"{}"), ("GET", None)):
+                with pytest.raises(BadGateway, match="no valid answer") as caught:
+                    await upstream.send(method, url, "/x", [], body, 5.0)
+                outcomes.append(str(caught.value.__cause__))
+        finally:
+            assert handle is not None
+            handle.cancel()
+            await upstream.close()
+        return outcomes
+
+    with socket_module(serve) as url:
+        outcomes = asyncio.run(main(url), loop_factory=uvloop.new_event_loop)
+    assert len(outcomes) == 3
+
+
+async def test_an_unsolicited_answer_on_an_idle_streamed_path_connection_is_never_taken(
+    raw: Callable[[Script], Awaitable[Raw]],
+) -> None:
+    """aiohttp (streamed request bodies) would parse a 302 sent on its idle keep-alive
+    connection and hand it to the next upload on that connection."""
+
+    def script(conn: int, n: int) -> list[tuple[bytes, float]]:
+        if n == 1:
+            return [(ok(b"first"), 0), (EVIL, 0.05)]
+        return [(ok(b"own %d" % n), 0)]
+
+    server = await raw(script)
+    answers = []
+    for _ in range(3):
+        response = await upstream.send("POST", server.url, "/x", [], streamed(b"up", b"load"), 5)
+        answers.append((response.status, await response.read(1000)))
+        response.release()
+        await asyncio.sleep(0.2)  # the 302 arrives on the idle connection meanwhile
+    assert answers == [(200, b"first"), (200, b"own 2"), (200, b"own 3")]
+    assert server.connections == 3  # one connection per upload

@@ -1,8 +1,9 @@
 """``gateway/server.py`` relies on uvicorn's httptools protocol internals: pin them.
 
 ``GatewayHttpProtocol`` replaces ``data_received`` and ``on_response_complete`` with
-copies that differ only in the keep-alive timer, and hooks the parser callbacks around
-them. A uvicorn upgrade that changes any of these methods fails here, so the guard is
+copies that differ only in the keep-alive timer, ``on_header`` and ``on_body`` with
+copies that drop trailer fields and count body progress, and hooks the parser callbacks
+around them. A uvicorn upgrade that changes any of these methods fails here, so the guard is
 reviewed (and the digest refreshed) instead of silently going stale. The behaviour
 itself is measured on a real process in ``tests/reliability/test_connection_limits.py``.
 """
@@ -28,7 +29,9 @@ RELIED_ON = (
     "connection_lost",
     "data_received",
     "on_message_begin",
+    "on_header",
     "on_headers_complete",
+    "on_body",
     "on_message_complete",
     "on_response_complete",
     "handle_websocket_upgrade",
@@ -36,7 +39,7 @@ RELIED_ON = (
     "shutdown",
     "_unset_keepalive_if_required",
 )
-DIGEST = "a838be5ffff50b22fb2de2b30dc03de5068f1f3c2cb99648c41210b2e375e337"
+DIGEST = "23df4c1d078e5e1107d67a822cb7234ac6fd0bd6f06a2038e44160dfe0fc2c11"
 
 
 def test_uvicorn_is_the_version_the_guard_was_written_for():
@@ -52,7 +55,8 @@ def test_the_uvicorn_internals_the_guard_copies_are_unchanged():
         digest.update(inspect.getsource(getattr(HttpToolsProtocol, name)).encode())
     assert digest.hexdigest() == DIGEST, (
         "uvicorn's HttpToolsProtocol changed: port the change into GatewayHttpProtocol "
-        "(data_received -> _feed and on_response_complete are copies), then update DIGEST"
+        "(data_received -> _feed, on_response_complete, on_header and on_body are copies), "
+        "then update DIGEST"
     )
     cycle_fields = inspect.signature(RequestResponseCycle.__init__).parameters
     assert "on_response" in cycle_fields and hasattr(HttpToolsProtocol, "_start_asgi_task")

@@ -302,3 +302,78 @@ async def test_connections_past_the_cap_get_503_and_the_server_keeps_serving(
     gateway.stop()
     assert after.status == 200
     assert "Traceback" not in gateway.output()
+
+
+# --------------------------------------------------------------------------- trailers
+
+
+CHUNKED = [*OP, ("Transfer-Encoding", "chunked")]
+
+
+async def _send_endless_trailer(port: int, size: int) -> tuple[float, int]:
+    """A chunked body, then one trailer field whose value never ends (``size`` bytes are
+    offered); returns the seconds until the gateway closed, and the bytes it took."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_bytes("POST", "/vx11/route/task", CHUNKED, b"2\r\n{}\r\n0\r\nX-T: "))
+    started = time.monotonic()
+    closed = asyncio.ensure_future(closed_after(reader, 10))
+    chunk = b"a" * (1 << 16)
+    sent = 0
+    try:
+        with contextlib.suppress(ConnectionError):
+            while sent < size and not closed.done():
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+        await closed
+    finally:
+        closed.cancel()
+        writer.close()
+    return time.monotonic() - started, sent
+
+
+async def test_an_endless_trailer_is_closed_and_memory_stays_bounded(server: GatewayProcess):
+    """2 chunked POSTs with a trailer value of up to 16 MiB: httptools would buffer it
+    (by repeated concatenation) while the request runs; the connection is closed at once."""
+    pid = pid_of(server)
+    before = rss_kib(pid)
+    peak = before
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, rss_kib(pid))
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(_send_endless_trailer(server.port, 16 << 20) for _ in range(2))), 30
+    )
+    sampler.cancel()
+    peak = max(peak, rss_kib(pid))
+    figure(
+        "2 x 16 MiB trailer values",
+        f"closed after {[f'{t:.2f} s' for t, _ in outcomes]}, "
+        f"{[f'{s >> 10} KiB' for _, s in outcomes]} sent; "
+        f"RSS {before // 1024} MiB before, peak {peak // 1024} MiB",
+    )
+    assert all(took < 3 for took, _ in outcomes)
+    assert peak - before < 16 * 1024
+    healthy = await raw_request(server.port, request_bytes("GET", "/health", []))
+    assert healthy.status == 200
+
+
+async def test_request_trailers_never_reach_the_module(
+    server: GatewayProcess, upstream: UpstreamServer
+):
+    """Fields after a chunked body are dropped: never forwarded, never a session id."""
+    body = b'7\r\n{"a":1}\r\n0\r\nX-VX11-Session: evil\r\nX-Trailer-Probe: 1\r\n\r\n'
+    seen = len(upstream.seen)
+    answer = await raw_request(
+        server.port, request_bytes("POST", "/vx11/route/task", CHUNKED, body)
+    )
+    assert answer.status == 200, answer.body[:300]
+    assert len(upstream.seen) == seen + 1
+    forwarded = {name.lower() for name in upstream.seen[-1].headers}
+    assert "x-trailer-probe" not in forwarded and "x-vx11-session" not in forwarded
+    assert upstream.seen[-1].body == b'{"a":1}'
