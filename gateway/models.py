@@ -6,11 +6,11 @@ import contextlib
 import hashlib
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import DatabaseError, IntegrityError, models, transaction
+from django.db import IntegrityError, models, router, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -39,10 +39,12 @@ class ConfigVersion(models.Model):
     """One row: the configuration version, seen by every process on the database.
 
     Every write of a ``Module``, ``Route`` or ``ApiClient`` (save, delete, bulk writes
-    through :class:`ConfigQuerySet`) bumps it after the commit; every gateway process
-    compares it with its snapshot's (``gateway.snapshot``, in a background thread) when
-    there is no Redis. With Redis the counter in Redis is the carrier; this row is bumped
-    as well, so it always records that a change happened.
+    through :class:`ConfigQuerySet`, ``loaddata``) bumps it in the same transaction
+    (:func:`announce_change`), so a committed change cannot miss its bump (a failed bump
+    fails the write). Every gateway process compares it with its snapshot's
+    (``gateway.snapshot``, in a background thread) when there is no Redis. With Redis the
+    counter in Redis is the carrier; this row is bumped as well, so it always records that
+    a change happened.
     """
 
     ROW = 1
@@ -57,16 +59,30 @@ class ConfigVersion(models.Model):
         return f"configuration version {self.version}"
 
     @classmethod
-    def bump(cls) -> None:
+    def bump(cls, using: str | None = None) -> None:
         """Add one (the row is created when missing, e.g. after a flush)."""
+        rows = cls.objects.using(using)
         values = {"version": F("version") + 1, "updated_at": timezone.now()}
-        if cls.objects.filter(pk=cls.ROW).update(**values):
+        if rows.filter(pk=cls.ROW).update(**values):
             return
         try:
-            with transaction.atomic():
-                cls.objects.create(pk=cls.ROW, version=1)
+            with transaction.atomic(using=using):
+                rows.create(pk=cls.ROW, version=1)
         except IntegrityError:  # another process created it meanwhile
-            cls.objects.filter(pk=cls.ROW).update(**values)
+            rows.filter(pk=cls.ROW).update(**values)
+
+    @classmethod
+    def lock(cls, using: str | None = None) -> None:
+        """Take the row's lock until the transaction ends (``SELECT ... FOR UPDATE``).
+
+        Every configuration write takes this lock before its own rows, so writers queue
+        here rather than deadlock on each other's rows. SQLite has no row locks and needs
+        none: its transactions are ``IMMEDIATE`` (settings), one writer at a time.
+        """
+        conn = transaction.get_connection(using)
+        if conn.features.has_select_for_update:
+            rows = cls.objects.using(using).select_for_update().filter(pk=cls.ROW)
+            list(rows.values_list("pk", flat=True))
 
     @classmethod
     def read(cls) -> int:
@@ -74,50 +90,96 @@ class ConfigVersion(models.Model):
         return int(found or 0)
 
 
-def announce_change() -> None:
-    """Tell every process the configuration changed. Call it after the commit."""
+def _announce_committed() -> None:
+    """After the commit: this process's counter, and the Redis carrier when configured."""
     store.bump_local()
-    try:
-        ConfigVersion.bump()
-    except DatabaseError:  # the change is saved; the next one is announced again
-        log.exception("could not bump the configuration version in the database")
     store.publish_version()
 
 
-class ConfigQuerySet[M: models.Model](models.QuerySet[M]):
-    """Bulk writes send no signals; these announce the change once their commit is done."""
+def announce_change(using: str | None = None) -> None:
+    """Record a configuration change: call it inside the writing transaction.
 
-    def _announce(self) -> None:
-        transaction.on_commit(announce_change, using=self.db)
+    The ``ConfigVersion`` row is bumped now, in the transaction, so the change and its
+    announcement commit (or roll back) together; only the local counter and the Redis
+    publish wait for the commit. Once per transaction: a later write in it finds the
+    commit hook already queued (a rolled-back savepoint drops the hook with its bump).
+    Outside a transaction (the write was autocommitted) the row is bumped at once.
+    """
+    conn = transaction.get_connection(using)
+    if not conn.in_atomic_block:
+        ConfigVersion.bump(using)
+        _announce_committed()
+        return
+    if any(func is _announce_committed for _, func, _ in conn.run_on_commit):
+        return  # this transaction already bumped
+    ConfigVersion.bump(using)
+    transaction.on_commit(_announce_committed, using=using)
+
+
+class ConfigModel(models.Model):
+    """A configuration table: a save or delete bumps the version in its own transaction."""
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
+        with transaction.atomic(using=using, savepoint=False):
+            ConfigVersion.lock(using)
+            super().save(*args, **kwargs)  # post_save (gateway.signals) announces it
+
+    save.alters_data = True  # type: ignore[attr-defined]
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
+        with transaction.atomic(using=using, savepoint=False):
+            ConfigVersion.lock(using)
+            return super().delete(*args, **kwargs)  # post_delete announces it
+
+    delete.alters_data = True  # type: ignore[attr-defined]
+
+
+class ConfigQuerySet[M: models.Model](models.QuerySet[M]):
+    """Bulk writes send no signals: each takes the version lock, then bumps in its transaction."""
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[list[int]]:
+        """The write runs in a transaction; a row count put in the list announces it."""
+        counted: list[int] = []
+        with transaction.atomic(using=self.db, savepoint=False):
+            ConfigVersion.lock(self.db)
+            yield counted
+            if any(counted):
+                announce_change(self.db)
 
     def update(self, **kwargs: Any) -> int:
-        rows = super().update(**kwargs)
-        if rows:
-            self._announce()
+        with self._write() as counted:
+            rows = super().update(**kwargs)
+            counted.append(rows)
         return rows
 
     def bulk_create(self, objs: Iterable[M], *args: Any, **kwargs: Any) -> list[M]:
-        created = super().bulk_create(objs, *args, **kwargs)
-        if created:
-            self._announce()
+        with self._write() as counted:
+            created = super().bulk_create(objs, *args, **kwargs)
+            counted.append(len(created))
         return created
 
     def bulk_update(
         self, objs: Iterable[M], fields: Iterable[str], batch_size: int | None = None
     ) -> int:
-        rows = super().bulk_update(objs, fields, batch_size)
-        if rows:
-            self._announce()
+        with self._write() as counted:
+            rows = super().bulk_update(objs, fields, batch_size)
+            counted.append(rows)
         return rows
 
     def delete(self) -> tuple[int, dict[str, int]]:
-        result = super().delete()
-        if result[0]:
-            self._announce()
+        with self._write() as counted:
+            result = super().delete()
+            counted.append(result[0])
         return result
 
 
-class Module(models.Model):
+class Module(ConfigModel):
     """A backend module. The row overrides the code default and the env URL."""
 
     name = models.CharField(max_length=40, unique=True, validators=[module_name_validator])
@@ -165,7 +227,7 @@ class Module(models.Model):
             raise ValidationError("Set both the failure-rate threshold and its window, or neither.")
 
 
-class Route(models.Model):
+class Route(ConfigModel):
     """A database override of the code route table (empty field = inherit the code value)."""
 
     intent = models.CharField(max_length=40, unique=True, validators=[intent_validator])
@@ -220,7 +282,7 @@ def new_token() -> str:
     return "vx11_" + secrets.token_urlsafe(32)
 
 
-class ApiClient(models.Model):
+class ApiClient(ConfigModel):
     """A program allowed to call the gateway. Only the token's hash is stored."""
 
     name = models.CharField(max_length=100, unique=True)

@@ -8,9 +8,9 @@ without it, in process memory.
 
 Without Redis, breaker actions from other processes (``manage.py breaker``, another
 worker's API or admin) arrive as ``BreakerCommand`` rows announced by a configuration
-version bump: :class:`BreakerCommands`, a listener of the snapshot watcher, applies each
-one this process did not issue (:data:`PROCESS_ID`) to its in-memory breakers, in the
-watcher's thread, off the request path. When a process starts it re-applies each
+version bump: :class:`BreakerCommands`, a listener of the snapshot watcher, reads each
+one this process did not issue (:data:`PROCESS_ID`) in the watcher's thread and applies
+it to its in-memory breakers on the server's event loop, off the request path. When a process starts it re-applies each
 module's latest ``force_open`` / ``force_closed``, so an override outlives a restart as it
 does in Redis.
 """
@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -171,15 +172,35 @@ def memory_rate_limit_backend() -> MemoryRateLimitBackend:
     return _process_wide(MemoryRateLimitBackend)
 
 
+#: How long the watcher waits for the server's loop to apply a batch (it is not blocked:
+#: the loop only ``await``\s memory decisions, and events are queued, not written).
+APPLY_TIMEOUT = 5.0
+
+
 class BreakerCommands:
-    """Applies the ``BreakerCommand`` rows other processes wrote (a watcher listener)."""
+    """Applies the ``BreakerCommand`` rows other processes wrote (a watcher listener).
+
+    The rows are read in the watcher's thread; the forces run on the server's event loop
+    (:meth:`serve_on`, from the ASGI lifespan) where the proxy uses the same in-memory
+    breakers and the events queue lives. A process with no server loop (a management
+    command, an in-process test server) applies them in the watcher's thread.
+    """
 
     def __init__(self) -> None:
         self.cursor: int | None = None  # the last row seen; None until the first look
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
+    def serve_on(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """The server's event loop (None when it stops)."""
+        self.loop = loop
+
     def pending(self) -> list[tuple[str, str]]:
-        """The (module, action) pairs to apply now, oldest first (synchronous)."""
+        """The (module, action) pairs to apply now, oldest first (synchronous).
+
+        ``id > cursor`` skips nothing: ``queue_command`` inserts under the configuration
+        version row's lock, so rows commit in id order (``gateway.api.breakers``).
+        """
         with self._lock:
             rows = list(
                 BreakerCommand.objects.filter(id__gt=self.cursor or 0)
@@ -203,24 +224,47 @@ class BreakerCommands:
         if store.shared():
             return  # with Redis, actions go to the shared state directly
         todo = self.pending()
-        if todo:
-            log.info("applying breaker actions from other processes: %s", todo)
-            apply_breaker_actions(todo)
+        if not todo:
+            return
+        log.info("applying breaker actions from other processes: %s", todo)
+        loop = self.loop
+        if loop is not None and loop.is_running():
+            try:
+                done = asyncio.run_coroutine_threadsafe(force_on_loop(todo), loop)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+            else:
+                # Waited for: a first snapshot load serves only once the overrides are in.
+                done.result(APPLY_TIMEOUT)
+                return
+        apply_breaker_actions(todo)
+
+
+def _breaker(on_transition: Callable[[Transition], None]) -> CircuitBreaker:
+    return CircuitBreaker(
+        memory_breaker_backend(),
+        breaker_config,
+        clock=time.time,
+        on_transition=on_transition,
+        enabled=bool(gw.cb_enabled),
+    )
+
+
+async def force_on_loop(actions: list[tuple[str, str]]) -> None:
+    """On the server's loop: force its in-memory breakers; events go to its queue."""
+    breaker = _breaker(events.breaker_transition)
+    for module, action in actions:
+        await breaker.force(module, action)
 
 
 def apply_breaker_actions(actions: list[tuple[str, str]]) -> None:
     """Force this process's in-memory breakers (synchronous, from a thread with no loop).
 
-    Transitions are recorded and published after the decisions, from this thread.
+    For a process with no server loop. Transitions are recorded and published after the
+    decisions, from this thread.
     """
     happened: list[Transition] = []
-    breaker = CircuitBreaker(
-        memory_breaker_backend(),
-        breaker_config,
-        clock=time.time,
-        on_transition=happened.append,
-        enabled=bool(gw.cb_enabled),
-    )
+    breaker = _breaker(happened.append)
 
     async def run() -> None:
         for module, action in actions:

@@ -1,8 +1,10 @@
-"""Configuration changes bump the configuration version once the transaction commits.
+"""Configuration changes bump the configuration version in the writing transaction.
 
 Saves and deletes (admin, API, commands, shells, ``loaddata``) come through these
-receivers; bulk writes that send no signal (``update``, ``bulk_create``,
-``bulk_update``) announce themselves in ``gateway.models.ConfigQuerySet``.
+receivers, inside the transaction of the write (``gateway.models.ConfigModel`` runs a
+save or delete in one, ``loaddata`` runs in one); bulk writes that send no signal
+(``update``, ``bulk_create``, ``bulk_update``) announce themselves in
+``gateway.models.ConfigQuerySet``. Several writes in one transaction bump it once.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from gateway.models import ApiClient, Module, Route, announce_change
 @receiver(post_delete, sender=Module)
 @receiver(post_delete, sender=Route)
 @receiver(post_delete, sender=ApiClient)
-def config_changed(sender: type, **kwargs: Any) -> None:
-    transaction.on_commit(announce_change)
+def config_changed(sender: type, using: str | None = None, **kwargs: Any) -> None:
+    announce_change(using)  # the ConfigVersion row now; the rest once committed
 
 
 @receiver(post_save, sender=Route)

@@ -3,14 +3,15 @@
 The hot path reads an immutable in-process :class:`Snapshot`. Every write of a
 ``Module``, ``Route`` or ``ApiClient`` — a save or delete (signals), a bulk write
 (``ConfigQuerySet``), from the admin, the API, a command or a shell — announces
-itself after the commit (:func:`gateway.models.announce_change`, NetBox's
-``ConfigRevision`` idea) in three places:
+itself (:func:`gateway.models.announce_change`, NetBox's ``ConfigRevision`` idea) in
+three places:
 
-- this process's own counter (``store.LocalVersion``): its next request reloads;
-- the ``ConfigVersion`` row in the database, which every process on that database
-  sees (the embedded default: the gateway, ``manage.py`` commands, a shell, the
-  health worker are separate processes on one SQLite file);
-- with Redis, the counter in Redis, which every process and host sees.
+- the ``ConfigVersion`` row in the database, bumped in the writing transaction, which
+  every process on that database sees (the embedded default: the gateway, ``manage.py``
+  commands, a shell, the health worker are separate processes on one SQLite file);
+- after the commit, this process's own counter (``store.LocalVersion``): its next
+  request reloads;
+- after the commit, with Redis, the counter in Redis, which every process and host sees.
 
 A :class:`ConfigWatcher` thread per process reads the carrier (Redis when
 configured, else the database row) every ``VX11_ROUTE_REFRESH_SECONDS`` and
@@ -42,7 +43,7 @@ from django.db import connection
 
 from gateway import store
 from gateway.conf import gw
-from gateway.models import ApiClient, ConfigVersion, Module, Route, announce_change
+from gateway.models import ApiClient, ConfigVersion, Module, Route
 from gateway.modules import ModuleInfo, build_modules
 from gateway.routes import RouteConfig, build_routes
 
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteWrapper
 
 log = logging.getLogger(__name__)
-VERSION_KEY = store.VERSION_KEY
 _serials = itertools.count(1)
 
 
@@ -102,10 +102,6 @@ def load_snapshot(version: int, local: int = 0) -> Snapshot:
     return Snapshot(version, build_modules(rows), routes, clients, time.time(), local)
 
 
-#: Announce a configuration change to every process (call after commit).
-bump_version = announce_change
-
-
 def watches_database() -> bool:
     """False for an in-memory SQLite database: no other process can write it."""
     if connection.vendor != "sqlite":
@@ -155,18 +151,21 @@ class ConfigWatcher:
         return "db" if self._database else None
 
     def poll(self) -> None:
-        """Read the version once (synchronous); call the listeners when it moved."""
+        """Read the version once (synchronous); call the listeners when it moved.
+
+        The watcher thread keeps its database connection from one look to the next (a
+        new PostgreSQL backend twice a second would be waste) and closes it only after an
+        error, so the next look connects afresh (a database restart, a broken socket).
+        Not ``close_if_unusable_or_obsolete()``: with ``conn_max_age=0`` (settings) every
+        connection is obsolete at once and it would close after each look again.
+        """
         with self._lock:
             carrier = self.carrier()
             if carrier != self._carrier:
                 self._carrier, self.seen = carrier, None
             if carrier is None:
                 return
-            try:
-                self._poll(carrier)
-            finally:
-                if carrier == "db":
-                    connection.close()  # one short connection per look, none held
+            self._poll(carrier)
 
     def _poll(self, carrier: str) -> None:
         try:
@@ -175,6 +174,8 @@ class ConfigWatcher:
             if not self._failing:  # once per outage, not twice a second
                 log.warning("could not read the configuration version: %r", exc)
             self._failing = True
+            if carrier == "db":
+                connection.close()  # the next look connects afresh
             return  # keep serving the last version seen
         if self._failing:
             log.info("the configuration version can be read again")
@@ -186,6 +187,8 @@ class ConfigWatcher:
                 listener()
             except Exception:
                 log.exception("configuration listener failed")
+                if carrier == "db":
+                    connection.close()
         self.seen = version  # after the listeners: a first load waits for them
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from typing import Any
@@ -155,17 +156,23 @@ def tune_gc() -> None:
 
 
 class Lifespan:
-    """ASGI lifespan: close pooled upstream connections on shutdown."""
+    """ASGI lifespan: the server's loop made known; pooled connections closed on shutdown.
+
+    Breaker commands from other processes (no Redis) are applied on that loop, where the
+    proxy's in-memory breakers and the events queue live (``gateway.services``).
+    """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from gateway import upstream
+        from gateway import services, upstream
 
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 tune_gc()
+                services.breaker_commands.serve_on(asyncio.get_running_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                services.breaker_commands.serve_on(None)
                 await upstream.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

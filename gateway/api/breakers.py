@@ -207,6 +207,12 @@ def force_breaker(
 def queue_command(module: str, action: str, *, applied_here: bool) -> None:
     """Leave the action for the other processes on the database, and announce it."""
     with transaction.atomic():
+        # The version row first: its bump holds the row's lock until the commit, so command
+        # inserts are serialised with their commits in id order. The gateways read
+        # ``id > cursor`` (``gateway.services.BreakerCommands``); without the lock two
+        # concurrent inserts could commit out of id order on PostgreSQL and a cursor past
+        # the later id would skip the earlier one. The bump commits with the row.
+        announce_change()
         command = BreakerCommand.objects.create(
             module=module, action=action, origin=services.PROCESS_ID if applied_here else ""
         )
@@ -216,7 +222,6 @@ def queue_command(module: str, action: str, *, applied_here: bool) -> None:
         ).delete()
         if not applied_here:  # no gateway here records the transition: note its effect
             BreakerState.objects.update_or_create(module=module, defaults=_STORED_EFFECT[action])
-        transaction.on_commit(announce_change)
 
 
 def health_rows() -> dict[str, dict[str, Any]]:

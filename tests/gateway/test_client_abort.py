@@ -246,9 +246,7 @@ def test_a_slow_but_steady_body_is_not_cut(http, upstream, gw_env):
     assert upstream.seen[-1].json() == {"a": "x" * 10 + "y" * 10 + "z" * 10 + "w" * 10}
 
 
-def test_a_slow_but_moving_upload_past_the_deadline_is_not_a_module_failure(
-    http, upstream, gw_env
-):
+def test_a_slow_but_moving_upload_past_the_deadline_is_not_a_module_failure(http, upstream, gw_env):
     """A chunked upload that keeps moving (so never 408) until the route's deadline passes:
     the module was reached, but the timeout is the upload's doing, not the module's. Three
     of them used to open the breaker (any client could, repeatedly)."""

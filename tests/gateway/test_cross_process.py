@@ -9,6 +9,7 @@ fresh PostgreSQL database.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import OPERATOR_TOKEN, wait_until
 from tests.servers import ROOT, GatewayProcess, UpstreamServer, fresh_database_url
@@ -226,3 +228,101 @@ def test_every_write_path_bumps_the_version_in_the_database(transactional_db: No
     assert bumped()
     ApiClient.objects.filter(name="nobody").update(active=False)  # no row: no bump
     assert not bumped()
+
+
+def next_transition(ws: ClientConnection, timeout: float) -> dict[str, Any] | None:
+    """The first ``breaker.transition`` event on the stream within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            event: dict[str, Any] = json.loads(ws.recv(timeout=left))
+        except TimeoutError:
+            return None
+        if event.get("type") == "breaker.transition":
+            return event
+    return None
+
+
+def test_a_breaker_command_reaches_an_open_event_stream_without_redis(
+    upstream: UpstreamServer,
+) -> None:
+    """The command is applied and published on the server's loop, not the watcher's thread.
+
+    The gateway runs asyncio in debug mode, which refuses a foreign thread's call into the
+    loop: published from the watcher's thread into the loop's channel layer, the event was
+    lost (uvloop takes the call and delivers it late, whenever the loop wakes).
+    """
+    env = embedded_env(upstream, PYTHONASYNCIODEBUG="1")
+    gateway = GatewayProcess(env, server_args=("--loop", "asyncio")).start()
+    try:
+        uri = gateway.url.replace("http://", "ws://") + "/ws/events"
+        headers = {"X-VX11-Token": OPERATOR_TOKEN}
+        with connect(uri, additional_headers=headers, open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "snapshot"
+            manage(env, "breaker", "open", "switch")
+            event = next_transition(ws, 3.0)
+            assert event is not None, gateway.output()[-3000:]
+            assert (event["module"], event["to"], event["reason"]) == (
+                "switch",
+                "open",
+                "force_open",
+            )
+    finally:
+        gateway.stop()
+    assert "Non-thread-safe" not in gateway.output()
+
+
+def test_the_version_is_bumped_in_the_writing_transaction_once(transactional_db: None) -> None:
+    """Committed together or not at all: no change can commit without its bump."""
+    from django.db import transaction
+
+    from gateway.models import ApiClient, ConfigVersion, Module
+
+    before = ConfigVersion.read()
+    with transaction.atomic():
+        Module.objects.create(name="extra", url="http://127.0.0.1:9")
+        assert ConfigVersion.read() == before + 1  # in the transaction, not after it
+        ApiClient.objects.filter(name="nobody").update(active=False)
+        Module.objects.filter(name="extra").update(enabled=False)
+        Module.objects.get(name="extra").delete()
+    assert ConfigVersion.read() == before + 1  # several writes, one bump
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        Module.objects.create(name="other", url="http://127.0.0.1:9")
+        raise RuntimeError("rolled back")
+    assert ConfigVersion.read() == before + 1  # the bump rolled back with the write
+
+    with transaction.atomic():
+        with pytest.raises(RuntimeError), transaction.atomic():  # a savepoint rolled back
+            Module.objects.create(name="other", url="http://127.0.0.1:9")
+            raise RuntimeError("rolled back")
+        Module.objects.create(name="third", url="http://127.0.0.1:9")
+    assert ConfigVersion.read() == before + 2  # the later write bumped again
+
+
+@pytest.mark.postgresql  # Django never closes an in-memory SQLite connection: nothing to see
+def test_the_watcher_thread_keeps_its_database_connection(transactional_db: None) -> None:
+    """One connection for the watcher's life, not a new one twice a second."""
+    import threading
+
+    from django.db import connection
+
+    from gateway.snapshot import ConfigWatcher
+
+    class DatabaseWatcher(ConfigWatcher):
+        def carrier(self) -> str | None:
+            return "db"  # the test database is in memory here; the look is the same
+
+    watcher = DatabaseWatcher()
+    held: list[object] = []
+
+    def look_twice() -> None:
+        for _ in range(2):
+            watcher.poll()
+            held.append(connection.connection)
+        connection.close()
+
+    thread = threading.Thread(target=look_twice)
+    thread.start()
+    thread.join(10)
+    assert len(held) == 2 and held[0] is not None and held[0] is held[1]
