@@ -15,7 +15,7 @@ from django.core.exceptions import (
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 
 from gateway import correlation
-from gateway.problems import GatewayError, InternalError, PayloadTooLarge
+from gateway.problems import GatewayError, InternalError, InvalidRequest, PayloadTooLarge
 
 log = logging.getLogger("gateway")
 _DJANGO_HANDLED = (Http404, PermissionDenied, SuspiciousOperation, BadRequest)
@@ -28,6 +28,19 @@ def problem_response(exc: GatewayError, cid: str) -> HttpResponse:
         if key != "content-type":
             response[key] = value
     return response
+
+
+def _refuse_nul(request: HttpRequest, cid: str) -> HttpResponse | None:
+    """A NUL in the decoded query string → 400: PostgreSQL text cannot hold one, so a
+    filter such as the admin's ``?client=%00`` would otherwise end in a 500 (DataError)."""
+    if "%00" not in request.META.get("QUERY_STRING", ""):
+        return None  # the common case: no encoded NUL, nothing to decode
+    if any(
+        "\x00" in key or any("\x00" in value for value in values)
+        for key, values in request.GET.lists()
+    ):
+        return problem_response(InvalidRequest("The query string contains a NUL character."), cid)
+    return None
 
 
 class CorrelationMiddleware:
@@ -58,15 +71,20 @@ class CorrelationMiddleware:
         if self.is_async:
             return self._acall(request)
         cid = self._begin(request)
-        response = self.get_response(request)
+        refused = _refuse_nul(request, cid)
+        response = refused if refused is not None else self.get_response(request)
         assert isinstance(response, HttpResponseBase)
         response["X-Correlation-ID"] = cid
         return response
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
         cid = self._begin(request)
-        result = self.get_response(request)
-        response = await result if not isinstance(result, HttpResponseBase) else result
+        refused = _refuse_nul(request, cid)
+        if refused is not None:
+            response: HttpResponseBase = refused
+        else:
+            result = self.get_response(request)
+            response = await result if not isinstance(result, HttpResponseBase) else result
         response["X-Correlation-ID"] = cid
         return response
 

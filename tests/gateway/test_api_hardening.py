@@ -6,6 +6,8 @@ real PostgreSQL, where a NUL in a text value is a ``DataError`` (SQLite stores i
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from django.core.exceptions import ValidationError
 
@@ -261,3 +263,26 @@ def test_a_body_intent_other_than_the_paths_is_refused(http, operator_headers):
     assert is_problem(r, 400, "invalid_request"), r.text
     assert "intent" in r.json()["errors"]
     assert Route.objects.count() == 0
+
+
+@pytest.mark.db_backend
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/admin/sessions_ctx7/session/?client=%00",
+        "/admin/gateway/apiclient/?q=a%00b",
+        "/admin/gateway/breakertransition/?module=%00",
+    ],
+)
+def test_a_nul_in_an_admin_query_string_is_a_400_not_a_500(admin_client, url):
+    """PostgreSQL text cannot hold a NUL: the admin's own filters used to end in a 500."""
+    r = admin_client.get(url)
+    assert r.status_code == 400, r.content[:300]
+    assert r["Content-Type"] == "application/problem+json"
+    assert json.loads(r.content)["error"] == "invalid_request"
+
+
+@pytest.mark.django_db
+def test_an_ordinary_admin_query_string_still_works(admin_client):
+    assert admin_client.get("/admin/sessions_ctx7/session/?q=abc").status_code == 200
