@@ -31,16 +31,23 @@ def problem_response(exc: GatewayError, cid: str) -> HttpResponse:
 
 
 def _refuse_nul(request: HttpRequest, cid: str) -> HttpResponse | None:
-    """A NUL in the decoded query string → 400: PostgreSQL text cannot hold one, so a
-    filter such as the admin's ``?client=%00`` would otherwise end in a 500 (DataError)."""
+    """A NUL in the decoded query string → 400 naming the parameters: PostgreSQL text
+    cannot hold one, so a filter such as the admin's ``?client=%00`` would otherwise end
+    in a 500 (DataError)."""
     if "%00" not in request.META.get("QUERY_STRING", ""):
         return None  # the common case: no encoded NUL, nothing to decode
-    if any(
-        "\x00" in key or any("\x00" in value for value in values)
+    bad = sorted(
+        key.replace("\x00", "\\0")
         for key, values in request.GET.lists()
-    ):
-        return problem_response(InvalidRequest("The query string contains a NUL character."), cid)
-    return None
+        if "\x00" in key or any("\x00" in value for value in values)
+    )
+    if not bad:
+        return None
+    error = InvalidRequest(
+        f"The query string contains a NUL character ({', '.join(bad)}).",
+        errors={name: ["NUL characters are not allowed."] for name in bad},
+    )
+    return problem_response(error, cid)
 
 
 class CorrelationMiddleware:
