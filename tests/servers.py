@@ -363,8 +363,15 @@ class UpstreamServer:
             app.router.add_route("*", "/{tail:.*}", self._dispatch)
             self._runner = web.AppRunner(app, access_log=None)
             loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-            loop.run_until_complete(site.start())
+            for attempt in range(3):
+                site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+                try:
+                    loop.run_until_complete(site.start())
+                    break
+                except OSError:  # another xdist worker took the free port meanwhile
+                    if attempt == 2:
+                        raise
+                    self.port = free_port()
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self._runner.cleanup())
@@ -436,6 +443,7 @@ class GatewayProcess:
         workers: int = 1,
         server_args: tuple[str, ...] = (),
     ) -> None:
+        self._port_given = port
         self.port = port or free_port()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "VX11_LOG_LEVEL": "WARNING", **env}
         self.workers = workers
@@ -458,8 +466,28 @@ class GatewayProcess:
         )
 
     def start(self) -> GatewayProcess:
+        """Start the server; a port another test took meanwhile means a retry on a new one.
+
+        ``free_port()`` only promises the port was free when it was asked; with xdist
+        another worker's upstream may bind it first. Readiness therefore means *this*
+        gateway answered ``/health`` (its own JSON, not any 200), and a gateway that exits
+        because the address is in use is started again on a fresh port.
+        """
+        for attempt in range(3):
+            if self._start_once():
+                return self
+            if attempt < 2 and self._port_given is None:
+                self.port = free_port()
+                continue
+            break
+        raise RuntimeError(
+            f"gateway could not bind 127.0.0.1:{self.port}:\n{self.output()[-3000:]}"
+        )
+
+    def _start_once(self) -> bool:
         from gateway.startup import server_command
 
+        log_start = Path(self.log.name).stat().st_size
         self.proc = subprocess.Popen(
             server_command(
                 "127.0.0.1",
@@ -481,11 +509,15 @@ class GatewayProcess:
             code = self.proc.poll()
             if code is not None:
                 self.proc = None
-                raise RuntimeError(f"gateway exited ({code}):\n{self.output()[-3000:]}")
+                output = self.output()
+                if "address already in use" in output[log_start:].lower():
+                    return False
+                raise RuntimeError(f"gateway exited ({code}):\n{output[-3000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
+                answer = httpx.get(self.url + "/health", timeout=1)
+                if answer.status_code == 200 and answer.json().get("module") == "vx11-gateway":
+                    return True
+            except (httpx.HTTPError, ValueError, AttributeError):
                 pass
             time.sleep(0.05)
         self.stop()
