@@ -49,5 +49,5 @@ ENTRYPOINT ["/app/docker/entrypoint.sh"]
 
 # The README's production command. --no-proxy-headers is mandatory: the gateway applies its
 # own X-Forwarded-For rules (VX11_TRUSTED_PROXIES). The --http protocol is uvicorn's httptools one
-# with limits on request heads, slow and idle connections and their number (gateway/server.py).
-CMD ["uvicorn", "vx11site.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "4", "--loop", "uvloop", "--http", "gateway.server:GatewayHttpProtocol", "--no-proxy-headers", "--no-access-log"]
+# with limits on request heads, slow and idle connections and their number (gateway/edge/server.py).
+CMD ["uvicorn", "vx11site.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "4", "--loop", "uvloop", "--http", "gateway.edge.server:GatewayHttpProtocol", "--no-proxy-headers", "--no-access-log"]

@@ -2,9 +2,9 @@
 
     python -m bench.clients [--requests 5000] [--concurrency 32]
 
-Why the proxy hot path uses its own HTTP/1.1 client (gateway/h1.py) for bodies in memory,
+Why the proxy hot path uses its own HTTP/1.1 client (gateway/upstream/h1.py) for bodies in memory,
 aiohttp's client for streamed bodies, and not httpx: this measures process CPU time per
-POST round trip for httpx.AsyncClient, aiohttp.ClientSession and gateway.h1.Pool, each
+POST round trip for httpx.AsyncClient, aiohttp.ClientSession and gateway.upstream.h1.Pool, each
 with pooled connections, on uvloop, in one run. The upstream runs in its own process.
 """
 
@@ -22,7 +22,7 @@ import aiohttp
 import httpx
 import uvloop
 
-from gateway import h1
+from gateway.upstream import h1
 from tests.servers import free_port, wait_for_port
 
 BODY = b'{"prompt":"benchmark"}'
@@ -81,9 +81,9 @@ async def main(requests: int, concurrency: int, url: str) -> None:
     print(f"{'client':12} {'CPU µs/request':>15} {'req/s':>8}")
     print(f"{'httpx':12} {hx[0]:15.0f} {hx[1]:8.0f}")
     print(f"{'aiohttp':12} {ah[0]:15.0f} {ah[1]:8.0f}")
-    print(f"{'gateway.h1':12} {own[0]:15.0f} {own[1]:8.0f}")
+    print(f"{'gateway.upstream.h1':12} {own[0]:15.0f} {own[1]:8.0f}")
     print(f"aiohttp uses {ah[0] / hx[0]:.2f}x the CPU of httpx per request")
-    print(f"gateway.h1 uses {own[0] / ah[0]:.2f}x the CPU of aiohttp per request")
+    print(f"gateway.upstream.h1 uses {own[0] / ah[0]:.2f}x the CPU of aiohttp per request")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m bench.redis_clients [--calls 20000] [--concurrency 32]
 
-Why the request path's script calls use ``gateway.resp.PipelinedRedis`` and not
+Why the request path's script calls use ``gateway.state.resp.PipelinedRedis`` and not
 redis-py's asyncio client: this runs the rate limiter's Lua script (two scopes, as for
 an authenticated request) through each client against one real Redis server started
 for the run, from ``concurrency`` concurrent callers on uvloop, and prints the process
@@ -21,7 +21,7 @@ import uvloop
 
 from bench.clients import drive
 from gateway.policies.ratelimit import _LUA_HIT
-from gateway.resp import PipelinedRedis, Script
+from gateway.state.resp import PipelinedRedis, Script
 from tests.servers import RedisServer
 
 KEYS = ["vx11:rl:token:bench", "vx11:rl:ip:127.0.0.1"]
@@ -61,7 +61,7 @@ async def main(url: str, calls: int, concurrency: int) -> None:
     async def pipelined() -> None:
         await fast.run_script(script, KEYS, script_args(next(counter)))
 
-    rows.append(("gateway.resp.PipelinedRedis", await drive(pipelined, calls, concurrency)))
+    rows.append(("gateway.state.resp.PipelinedRedis", await drive(pipelined, calls, concurrency)))
     await fast.aclose()
     print(f"{'client':30} {'CPU µs/call':>12} {'calls/s':>9}")
     for name, (cpu_us, rate) in rows:

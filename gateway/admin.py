@@ -11,9 +11,9 @@ from django.urls import URLPattern, path
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from gateway.config.modules import CODE_MODULES, env_overrides
+from gateway.config.routes import CODE_ROUTES, OVERRIDABLE
 from gateway.models import ApiClient, BreakerState, BreakerTransition, Module, ModuleHealth, Route
-from gateway.modules import CODE_MODULES, env_overrides
-from gateway.routes import CODE_ROUTES, OVERRIDABLE
 
 
 def badge(text: str, tone: str) -> SafeString:
@@ -61,7 +61,7 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
 
     def get_list_display(self, request: HttpRequest) -> Any:
         """Live health and breaker badges beside the settings (read once per page)."""
-        from gateway.dashboard import live_badge_columns
+        from gateway.console.dashboard import live_badge_columns
 
         return [
             "name",
@@ -130,7 +130,7 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
     @admin.action(description="Probe health now")
     def probe_now(self, request: HttpRequest, queryset: Any) -> None:
         from gateway.api.breakers import module_table
-        from gateway.healthcheck import probe_now
+        from gateway.operations.health import probe_now
 
         table = module_table()
         for m in queryset:
@@ -181,7 +181,7 @@ class RouteAdmin(admin.ModelAdmin[Route]):
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> Any:
-        from gateway.routes import build_routes
+        from gateway.config.routes import build_routes
 
         table = build_routes(list(Route.objects.all()))
         extra = {"effective_routes": [table[k].as_dict() for k in sorted(table)]}
@@ -312,7 +312,7 @@ class ModuleHealthAdmin(ReadOnlyAdmin[ModuleHealth]):
         return [path("clear-cache/", view, name="gateway_cache_clear"), *super().get_urls()]
 
 
-# The live dashboard (/admin/dashboard/) and its session endpoints: gateway/dashboard.py.
-from gateway import dashboard  # noqa: E402
+# The live dashboard (/admin/dashboard/) and its session endpoints: gateway/console/dashboard.py.
+from gateway.console import dashboard  # noqa: E402
 
 dashboard.install(admin.site)

@@ -7,8 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from gateway.conf import gw
-from gateway.modules import env_overrides
+from gateway.config.modules import env_overrides
+from gateway.core.conf import gw
 from vx11site.env import EnvError
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.modules import CODE_MODULES
+from gateway.config.modules import CODE_MODULES
 
 
 def build_app(name: str) -> web.Application:

@@ -14,8 +14,7 @@ from django.db import IntegrityError, models, router, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from gateway import store
-from gateway.validation import (
+from gateway.config.validation import (
     METHODS,
     TIMEOUT_MAX,
     TIMEOUT_MIN,
@@ -25,6 +24,7 @@ from gateway.validation import (
     module_url_validator,
     validate_module_url,
 )
+from gateway.state import store
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ConfigVersion(models.Model):
     through :class:`ConfigQuerySet`, ``loaddata``) bumps it in the same transaction
     (:func:`announce_change`), so a committed change cannot miss its bump (a failed bump
     fails the write). Every gateway process compares it with its snapshot's
-    (``gateway.snapshot``, in a background thread) when there is no Redis. With Redis the
+    (``gateway.config.snapshot``, in a background thread) when there is no Redis. With Redis the
     counter in Redis is the carrier; this row is bumped as well, so it always records that
     a change happened.
     """
@@ -256,8 +256,8 @@ class Route(ConfigModel):
         return self.intent
 
     def clean(self) -> None:
-        from gateway.modules import known_module_names
-        from gateway.routes import CODE_ROUTES
+        from gateway.config.modules import known_module_names
+        from gateway.config.routes import CODE_ROUTES
 
         errors: dict[str, Any] = {}
         if self.module and self.module not in known_module_names():
@@ -342,7 +342,7 @@ class BreakerCommand(models.Model):
 
     Written by ``force_breaker`` (API, admin, ``manage.py breaker``) and announced with a
     version bump; each gateway process applies the ones it did not issue itself when it
-    sees the bump (``gateway.services.BreakerCommands``). With Redis the action goes to the
+    sees the bump (``gateway.operations.registry.BreakerCommands``). With Redis the action goes to the
     shared state directly and no row is written.
     """
 

@@ -32,7 +32,7 @@ def config_changed(sender: type, using: str | None = None, **kwargs: Any) -> Non
 @receiver(post_delete, sender=Route)
 def route_changed(sender: type, instance: Route, **kwargs: Any) -> None:
     """Tell live dashboards (``/ws/events``) once the change is committed."""
-    from gateway import events
+    from gateway.operations import events
 
     action = "deleted" if kwargs.get("signal") is post_delete else "saved"
     event = {"type": "route.changed", "intent": instance.intent, "action": action}

@@ -9,15 +9,15 @@ from typing import Any
 
 from django.conf import settings
 
-from gateway.asgi_util import Receive, Scope, Send
-from gateway.conf import gw
-from gateway.problems import InvalidRequest
+from gateway.core.asgi import Receive, Scope, Send
+from gateway.core.conf import gw
+from gateway.core.problems import InvalidRequest
 
 log = logging.getLogger("gateway")
 
 
 #: The HTTP protocol class, as an import string (uvicorn's ``--http`` accepts one).
-HTTP_PROTOCOL = "gateway.server:GatewayHttpProtocol"
+HTTP_PROTOCOL = "gateway.edge.server:GatewayHttpProtocol"
 
 
 def server_command(host: str, port: int, workers: int = 1, *extra: str) -> list[str]:
@@ -25,9 +25,9 @@ def server_command(host: str, port: int, workers: int = 1, *extra: str) -> list[
 
     ``--no-proxy-headers`` is not optional: uvicorn would otherwise trust
     X-Forwarded-For from any local peer; the gateway applies ``VX11_TRUSTED_PROXIES``
-    itself. ``--http gateway.server:GatewayHttpProtocol`` is uvicorn's httptools protocol
+    itself. ``--http gateway.edge.server:GatewayHttpProtocol`` is uvicorn's httptools protocol
     with the head limits, head and idle deadlines and the connection cap
-    (``gateway/server.py``); uvicorn's ``--timeout-keep-alive`` (5 s) is its idle deadline.
+    (``gateway/edge/server.py``); uvicorn's ``--timeout-keep-alive`` (5 s) is its idle deadline.
     The README's production command and the Dockerfile use the same flags.
     """
     return [
@@ -85,7 +85,7 @@ def check_production_auth() -> None:
 
 
 #: A request head (request line and headers) in bytes, and header lines, at most. The server
-#: protocol (``gateway/server.py``) answers 431 past either before buffering more and closes
+#: protocol (``gateway/edge/server.py``) answers 431 past either before buffering more and closes
 #: the connection; the check in ``HttpDispatcher`` (names and values) is the second line, for
 #: heads the protocol cannot measure exactly (pipelined in one read) and for servers run
 #: without it (the in-process test server runs h11).
@@ -106,8 +106,8 @@ class HeadersTooLarge(InvalidRequest):
 
 
 async def refuse_oversized_headers(send: Send) -> None:
-    from gateway import correlation
-    from gateway.asgi_util import send_bytes
+    from gateway.core import correlation
+    from gateway.core.asgi import send_bytes
 
     cid = correlation.new_id()
     status, headers, body = HeadersTooLarge().render(cid)
@@ -159,11 +159,12 @@ class Lifespan:
     """ASGI lifespan: the server's loop made known; pooled connections closed on shutdown.
 
     Breaker commands from other processes (no Redis) are applied on that loop, where the
-    proxy's in-memory breakers and the events queue live (``gateway.services``).
+    proxy's in-memory breakers and the events queue live (``gateway.operations.registry``).
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from gateway import services, upstream
+        from gateway.operations import registry as services
+        from gateway.upstream import client as upstream
 
         while True:
             message = await receive()
@@ -185,7 +186,7 @@ def websocket_application() -> Any:
     from channels.security.websocket import WebsocketDenier
     from django.urls import path, re_path
 
-    from gateway.consumers import EventsConsumer
+    from gateway.console.consumers import EventsConsumer
 
     return AuthMiddlewareStack(
         URLRouter(
@@ -200,7 +201,7 @@ def websocket_application() -> Any:
 def build_application(django_app: Any) -> Any:
     from channels.routing import ProtocolTypeRouter
 
-    from gateway.proxy import ProxyApp
+    from gateway.edge.proxy import ProxyApp
 
     check_production_auth()
     mapping: dict[str, Any] = {

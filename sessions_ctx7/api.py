@@ -18,8 +18,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from gateway.api.authentication import principal_of
-from gateway.auth import Principal
-from gateway.problems import AuthRequired, InvalidRequest
+from gateway.core.problems import AuthRequired, InvalidRequest
+from gateway.edge.auth import Principal
 from sessions_ctx7 import services
 from sessions_ctx7.serializers import (
     CleanupSerializer,

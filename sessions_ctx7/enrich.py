@@ -27,8 +27,8 @@ import orjson
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, connection
 
-from gateway import correlation
-from gateway.problems import InvalidRequest
+from gateway.core import correlation
+from gateway.core.problems import InvalidRequest
 from sessions_ctx7 import services
 
 log = logging.getLogger("sessions_ctx7")

@@ -22,8 +22,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from gateway.conf import gw
-from gateway.problems import Forbidden, NotFound
+from gateway.core.conf import gw
+from gateway.core.problems import Forbidden, NotFound
 from sessions_ctx7.models import Message, Session
 
 # ``\Z``, not ``$``: ``$`` also matches before a trailing newline, and "abc\n" would then

@@ -133,7 +133,7 @@ class LiveGateway:
 
 @pytest.fixture(scope="session")
 def _live_gateway(django_db_setup, django_db_blocker) -> Iterator[LiveGateway]:
-    from gateway.conf import gw
+    from gateway.core.conf import gw
 
     os.environ.setdefault("VX11_TOKEN", OPERATOR_TOKEN)
     gw.reload()
@@ -150,8 +150,8 @@ class GwEnv:
         self.mp = monkeypatch
 
     def set(self, **values: object) -> None:
-        from gateway.conf import gw
-        from gateway.snapshot import holder
+        from gateway.config.snapshot import holder
+        from gateway.core.conf import gw
 
         for key, value in values.items():
             if value is None:
@@ -164,9 +164,9 @@ class GwEnv:
 
 @pytest.fixture
 def gw_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[GwEnv]:
-    from gateway import store
-    from gateway.conf import gw
-    from gateway.snapshot import holder
+    from gateway.config.snapshot import holder
+    from gateway.core.conf import gw
+    from gateway.state import store
 
     env = GwEnv(monkeypatch)
     env.set(
@@ -187,7 +187,7 @@ def gateway(
     _live_gateway: LiveGateway, transactional_db: None, gw_env: GwEnv, upstream: UpstreamServer
 ) -> Iterator[LiveGateway]:
     """A live gateway whose every module points at the ``upstream`` test server."""
-    from gateway import events
+    from gateway.operations import events
 
     gw_env.set(**{f"VX11_MODULE_{name.upper()}_URL": upstream.url for name in MODULE_NAMES})
     yield _live_gateway

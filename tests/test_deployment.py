@@ -77,7 +77,7 @@ def code_files() -> Iterator[Path]:
 
 def known_variables() -> tuple[set[str], set[str]]:
     """(every variable the code reads, those that may also come from ``NAME_FILE``)."""
-    from gateway.conf import KNOBS
+    from gateway.core.conf import KNOBS
 
     names = {knob.env for knob in KNOBS}
     for path in code_files():
@@ -100,7 +100,7 @@ def known_variables() -> tuple[set[str], set[str]]:
 
 
 def unknown_variables(text: str) -> set[str]:
-    from gateway.modules import CODE_MODULES
+    from gateway.config.modules import CODE_MODULES
 
     known, file_capable = known_variables()
     code = "\n".join(path.read_text() for path in code_files())

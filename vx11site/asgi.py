@@ -1,6 +1,6 @@
 """ASGI entry point: ``vx11site.asgi:application``.
 
-Proxy paths go to the lean handler (``gateway.proxy.ProxyApp``); everything
+Proxy paths go to the lean handler (``gateway.edge.proxy.ProxyApp``); everything
 else — management API, admin, docs, metrics — to Django. WebSockets go through
 channels.
 """

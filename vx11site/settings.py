@@ -3,7 +3,7 @@
 Embedded default (nothing configured): SQLite file in ``var/``, in-process cache
 and channel layer. ``DATABASE_URL`` selects PostgreSQL, ``VX11_REDIS_URL`` moves
 cache, shared gateway state and the channel layer to Redis. Gateway knobs
-(``VX11_*``) are read lazily by :mod:`gateway.conf`, not here, except the few
+(``VX11_*``) are read lazily by :mod:`gateway.core.conf`, not here, except the few
 Django itself needs at start-up.
 """
 
@@ -65,7 +65,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
-    "gateway.middleware.CorrelationMiddleware",
+    "gateway.console.middleware.CorrelationMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -235,7 +235,7 @@ LOG_LEVEL = env_str("VX11_LOG_LEVEL", "INFO").upper()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"correlation": {"()": "gateway.correlation.CorrelationFilter"}},
+    "filters": {"correlation": {"()": "gateway.core.correlation.CorrelationFilter"}},
     "formatters": {
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",

@@ -3,8 +3,8 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import URLPattern, URLResolver, include, path
 
-from gateway import views
 from gateway.api import docs
+from gateway.console import views
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("health", views.health, name="health"),
@@ -20,5 +20,5 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("", include("sessions_ctx7.urls")),
 ]
 
-handler404 = "gateway.views.not_found"
-handler500 = "gateway.views.server_error"
+handler404 = "gateway.console.views.not_found"
+handler500 = "gateway.console.views.server_error"

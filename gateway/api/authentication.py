@@ -9,10 +9,10 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
-from gateway import auth
-from gateway.conf import gw
+from gateway.config.snapshot import ClientInfo, Snapshot
+from gateway.core.conf import gw
+from gateway.edge import auth
 from gateway.models import ApiClient, hash_token
-from gateway.snapshot import ClientInfo, Snapshot
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,13 @@ The views are sync DRF views, the breaker is async. Each operation runs in
 with Redis, a Redis client of its own, closed afterwards (a client belongs to the event
 loop that opened it, and ``async_to_sync`` may make a new loop per call); without Redis,
 the process-wide in-memory state that the proxy's loop uses too
-(:func:`gateway.services.memory_breaker_backend`), so a reset or force is seen by the
+(:func:`gateway.operations.registry.memory_breaker_backend`), so a reset or force is seen by the
 very next proxied request. The admin actions and ``manage.py breaker`` call the same
 functions.
 
 Without Redis an action is also written down for the other processes on the database
 (``BreakerCommand``, announced by a configuration version bump): the other workers of the
-gateway apply it within ``VX11_ROUTE_REFRESH_SECONDS`` (``gateway.services``). A
+gateway apply it within ``VX11_ROUTE_REFRESH_SECONDS`` (``gateway.operations.registry``). A
 management command is not a gateway: it passes ``local=False``, so it only writes the
 command and the module's ``BreakerState`` row (the state every gateway records on each
 transition), and ``breaker status`` reads those rows.
@@ -36,7 +36,6 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from gateway import events, services, store
 from gateway.api.authentication import principal_of
 from gateway.api.permissions import IsClient, ReadClientWriteAdmin
 from gateway.api.serializers import (
@@ -44,9 +43,12 @@ from gateway.api.serializers import (
     BreakerPageSerializer,
     ModuleListSerializer,
 )
-from gateway.conf import gw
+from gateway.config.modules import ModuleInfo
+from gateway.core.conf import gw
+from gateway.core.problems import InvalidRequest, NotFound
 from gateway.models import BreakerCommand, BreakerState, announce_change
-from gateway.modules import ModuleInfo
+from gateway.operations import events
+from gateway.operations import registry as services
 from gateway.policies.breaker import (
     CLOSED,
     FORCE_ACTIONS,
@@ -57,7 +59,7 @@ from gateway.policies.breaker import (
     RedisBreakerBackend,
     _report,
 )
-from gateway.problems import InvalidRequest, NotFound
+from gateway.state import store
 
 log = logging.getLogger("gateway.breaker")
 
@@ -84,7 +86,7 @@ UNKNOWN_HEALTH: dict[str, Any] = {
 
 def module_table() -> dict[str, ModuleInfo]:
     """Every known module (code, env, database), read now from the database."""
-    from gateway.snapshot import load_snapshot
+    from gateway.config.snapshot import load_snapshot
 
     return load_snapshot(0).modules
 
@@ -209,7 +211,7 @@ def queue_command(module: str, action: str, *, applied_here: bool) -> None:
     with transaction.atomic():
         # The version row first: its bump holds the row's lock until the commit, so command
         # inserts are serialised with their commits in id order. The gateways read
-        # ``id > cursor`` (``gateway.services.BreakerCommands``); without the lock two
+        # ``id > cursor`` (``gateway.operations.registry.BreakerCommands``); without the lock two
         # concurrent inserts could commit out of id order on PostgreSQL and a cursor past
         # the later id would skip the earlier one. The bump commits with the row.
         announce_change()

@@ -37,9 +37,9 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from gateway import correlation
-from gateway.middleware import problem_response
-from gateway.problems import MethodNotAllowed
+from gateway.console.middleware import problem_response
+from gateway.core import correlation
+from gateway.core.problems import MethodNotAllowed
 
 REDOC_BUNDLE = "drf_spectacular_sidecar/redoc/bundles/redoc.standalone.js"
 #: Fetched by the bundle at run time for its "API docs by Redocly" footer.

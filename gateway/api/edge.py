@@ -23,12 +23,11 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from gateway import auth, correlation, events, metrics, services
-from gateway.conf import gw
-from gateway.headers import client_ip
-from gateway.middleware import problem_response
-from gateway.policies.ratelimit import STORE_ERRORS
-from gateway.problems import (
+from gateway.config.snapshot import holder
+from gateway.console.middleware import problem_response
+from gateway.core import correlation, metrics
+from gateway.core.conf import gw
+from gateway.core.problems import (
     AuthRequired,
     Forbidden,
     GatewayError,
@@ -36,7 +35,11 @@ from gateway.problems import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from gateway.snapshot import holder
+from gateway.edge import auth
+from gateway.edge.headers import client_ip
+from gateway.operations import events
+from gateway.operations import registry as services
+from gateway.policies.ratelimit import STORE_ERRORS
 
 log = logging.getLogger("gateway.edge")
 CLEAR_TIMEOUT = 5.0  # seconds: a Redis outage answers 503 instead of hanging the caller
@@ -165,7 +168,7 @@ async def _charge(principal: auth.Principal, ip: str, *, protected: bool) -> lis
     """Count one request against the caller's limits, as the proxy does for /shub."""
     if not gw.rate_limit_enabled:
         return []
-    from gateway.pipeline import build_scopes
+    from gateway.edge.pipeline import build_scopes
     from gateway.policies.ratelimit import ratelimit_headers
 
     decision = await services.get().limiter.check(build_scopes(principal, ip, protected))
@@ -219,7 +222,7 @@ async def rate_limit_status(request: HttpRequest) -> HttpResponse:
         "scopes": [],
     }
     if enabled:
-        from gateway.pipeline import build_scopes
+        from gateway.edge.pipeline import build_scopes
 
         limiter = services.get().limiter
         decision = await limiter.status(build_scopes(principal, _caller_ip(request), True))

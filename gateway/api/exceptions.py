@@ -9,8 +9,8 @@ from django.http import Http404
 from rest_framework import exceptions
 from rest_framework.response import Response
 
-from gateway import correlation
-from gateway.problems import (
+from gateway.core import correlation
+from gateway.core.problems import (
     AuthRequired,
     Forbidden,
     GatewayError,

@@ -17,10 +17,10 @@ from gateway.api.serializers import (
     RouteSerializer,
     RouteTableSerializer,
 )
+from gateway.config.routes import CODE_ROUTES, build_routes
+from gateway.config.validation import INTENT_RE
+from gateway.core.problems import InvalidRequest, NotFound
 from gateway.models import Route
-from gateway.problems import InvalidRequest, NotFound
-from gateway.routes import CODE_ROUTES, build_routes
-from gateway.validation import INTENT_RE
 
 _BLANK: dict[str, Any] = {
     "module": "",

@@ -8,16 +8,16 @@ from typing import Any
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
-from gateway.models import PRIORITY_CHOICES, Route
-from gateway.modules import known_module_names
-from gateway.routes import CODE_ROUTES, OVERRIDABLE
-from gateway.validation import (
+from gateway.config.modules import known_module_names
+from gateway.config.routes import CODE_ROUTES, OVERRIDABLE
+from gateway.config.validation import (
     METHODS,
     TIMEOUT_MAX,
     TIMEOUT_MIN,
     validate_endpoint,
     validate_intent,
 )
+from gateway.models import PRIORITY_CHOICES, Route
 
 #: Read-only members of an effective route (``GET``) that a body may carry back unchanged,
 #: so ``GET`` then ``PUT`` of the same object works; they are ignored.

@@ -41,7 +41,7 @@ from gateway.policies.ratelimit import (
     Scope,
     StoreUnavailable,
 )
-from gateway.resp import Script
+from gateway.state.resp import Script
 
 # KEYS: the rate-limit scopes, then the breaker's two keys. ARGV: n (number of scopes),
 # shadow ('1': peek even when refused), the rate-limit arguments, then the peek's two

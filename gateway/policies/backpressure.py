@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from gateway.policies.clock import Clock
+from gateway.core.clock import Clock
 
 HEALTH = 0
 ANALYSIS = 1

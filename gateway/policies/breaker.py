@@ -45,9 +45,9 @@ from typing import Any, Protocol
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from gateway.policies.clock import Clock
-from gateway.policies.deadline import store_call
-from gateway.resp import Script, ScriptRunner, script_runner
+from gateway.core.clock import Clock
+from gateway.core.deadline import store_call
+from gateway.state.resp import Script, ScriptRunner, script_runner
 
 logger = logging.getLogger(__name__)
 
@@ -509,7 +509,7 @@ class RedisBreakerBackend:
     ) -> None:
         """``scripts``: where the decision scripts run (default: through ``client``).
 
-        The gateway passes its pipelined request-path connection (``gateway.resp``);
+        The gateway passes its pipelined request-path connection (``gateway.state.resp``);
         status reads stay on ``client``.
         """
         self.client = client
@@ -662,7 +662,7 @@ class FallbackBreakerBackend:
             self._retry_at = self.clock() + self.retry_interval
         try:
             # Time our own loop spends stalled (a burst, a GC pause) is not charged to
-            # Redis: see gateway/policies/deadline.py.
+            # Redis: see gateway/core/deadline.py.
             result = await store_call(lambda: op(self.primary), self.timeout)
         except (TimeoutError, RedisError, OSError) as exc:
             self.mark_unavailable(exc)

@@ -36,8 +36,8 @@ from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 import redis.asyncio
 from redis.exceptions import RedisError
 
-from gateway.policies.deadline import store_call
-from gateway.resp import Script, ScriptRunner, script_runner
+from gateway.core.deadline import store_call
+from gateway.state.resp import Script, ScriptRunner, script_runner
 
 Clock = Callable[[], float]
 FailMode = Literal["local", "open", "closed"]

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from datetime import UTC
 
-from gateway.policies.clock import Clock
+from gateway.core.clock import Clock
 
 RETRY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({502, 503, 504})

@@ -65,7 +65,7 @@ class WsGateway(LiveGateway):
 
 @pytest.fixture(scope="session")
 def _ws_gateway(django_db_setup: None, django_db_blocker: Any) -> Iterator[WsGateway]:
-    from gateway.conf import gw
+    from gateway.core.conf import gw
 
     os.environ.setdefault("VX11_TOKEN", OPERATOR_TOKEN)
     gw.reload()
@@ -84,7 +84,7 @@ def site(
     _ws_gateway: WsGateway, transactional_db: None, gw_env: GwEnv, upstream: UpstreamServer
 ) -> Iterator[WsGateway]:
     """The live gateway (HTTP + WebSockets); every module points at ``upstream``."""
-    from gateway import services
+    from gateway.operations import registry as services
 
     point_modules_at(gw_env, upstream)
     services.reset()  # every test starts with closed breakers and an empty cache
@@ -132,7 +132,7 @@ def wait_for_no_listeners() -> None:
     """Let the server finish closing this test's sockets while the test database is open."""
     from channels.layers import get_channel_layer
 
-    from gateway.events import GROUP
+    from gateway.operations.events import GROUP
 
     groups = getattr(get_channel_layer(), "groups", None)
     if groups is not None:

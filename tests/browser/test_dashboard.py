@@ -125,8 +125,8 @@ def test_it_reconnects_and_resynchronises_after_the_server_restarts(
     staff: Any,
     page: Any,
 ) -> None:
-    from gateway import services
     from gateway.api.breakers import force_breaker
+    from gateway.operations import registry as services
 
     point_modules_at(gw_env, upstream)
     services.reset()

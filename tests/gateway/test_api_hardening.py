@@ -205,7 +205,7 @@ def test_the_admin_form_refuses_a_non_ascii_endpoint(admin_client):
 
 @pytest.mark.parametrize("value", ["chat\n", "switch\n"])
 def test_names_with_a_trailing_newline_are_refused(value):
-    from gateway.validation import validate_intent, validate_module_name
+    from gateway.config.validation import validate_intent, validate_module_name
 
     with pytest.raises(ValidationError):
         validate_intent(value)

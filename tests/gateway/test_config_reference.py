@@ -3,18 +3,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.conf import KNOBS, readme_with_knobs, reference_markdown
+from gateway.core.conf import KNOBS, readme_with_knobs, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_configuration_reference_is_current():
-    """Regenerate with: python -m gateway.conf > docs/CONFIGURATION.md"""
+    """Regenerate with: python -m gateway.core.conf > docs/CONFIGURATION.md"""
     assert (ROOT / "docs" / "CONFIGURATION.md").read_text() == reference_markdown()
 
 
 def test_readme_lists_every_knob_with_its_default():
-    """Refresh with: python -m gateway.conf --readme"""
+    """Refresh with: python -m gateway.core.conf --readme"""
     readme = (ROOT / "README.md").read_text()
     assert readme == readme_with_knobs(readme)
     for knob in KNOBS:

@@ -307,7 +307,7 @@ def test_the_watcher_thread_keeps_its_database_connection(transactional_db: None
 
     from django.db import connection
 
-    from gateway.snapshot import ConfigWatcher
+    from gateway.config.snapshot import ConfigWatcher
 
     class DatabaseWatcher(ConfigWatcher):
         def carrier(self) -> str | None:

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from gateway import services
 from gateway.api.breakers import force_breaker
+from gateway.operations import registry as services
 from tests.conftest import MODULE_NAMES
 from tests.servers import free_port
 

@@ -407,8 +407,8 @@ def test_path_parameters_on_ordinary_segments_pass(gateway, upstream):
     ],
 )
 async def test_health_priority_is_only_for_get_and_head(gateway, method, path, priority):
-    from gateway.headers import RequestHead
-    from gateway.proxy import ProxyApp
+    from gateway.edge.headers import RequestHead
+    from gateway.edge.proxy import ProxyApp
 
     headers = [(b"host", b"127.0.0.1"), (b"x-vx11-gw-token", GATEWAY_TOKEN.encode())]
     scope = {

@@ -13,8 +13,9 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
-from gateway import events, services
-from gateway.consumers import CLOSE_AUTH_REQUIRED, CLOSE_FORBIDDEN
+from gateway.console.consumers import CLOSE_AUTH_REQUIRED, CLOSE_FORBIDDEN
+from gateway.operations import events
+from gateway.operations import registry as services
 from tests.conftest import MODULE_NAMES, OPERATOR_TOKEN
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -222,7 +223,7 @@ async def test_saving_and_deleting_a_route_is_announced(application: Any) -> Non
 async def test_health_stored_by_another_process_reaches_in_process_listeners(
     application: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.consumers import EventsConsumer
+    from gateway.console.consumers import EventsConsumer
     from gateway.models import ModuleHealth
 
     monkeypatch.setattr(EventsConsumer, "health_poll_seconds", 0.05)

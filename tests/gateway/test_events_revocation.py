@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 
-from gateway.consumers import CLOSE_FORBIDDEN
+from gateway.console.consumers import CLOSE_FORBIDDEN
 from tests.gateway.test_events import HOST, ORIGIN, make_token, open_socket, staff_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)

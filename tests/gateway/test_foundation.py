@@ -12,10 +12,10 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 
-from gateway.headers import client_ip
+from gateway.config.modules import CODE_MODULES, build_modules, env_overrides
+from gateway.config.validation import validate_module_url
+from gateway.edge.headers import client_ip
 from gateway.models import ApiClient, Module, hash_token
-from gateway.modules import CODE_MODULES, build_modules, env_overrides
-from gateway.validation import validate_module_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def test_module_url_tricks_refused(url):
 
 
 def test_module_url_overrides_in_order(monkeypatch):
-    from gateway.modules import ModuleInfo
+    from gateway.config.modules import ModuleInfo
 
     monkeypatch.setenv("VX11_MODULE_SWITCH_URL", "http://env-switch:1")
     monkeypatch.setenv("VX11_SHUB_UPSTREAM", "http://alias-shub:2")
@@ -112,7 +112,7 @@ def test_health_and_ready(http):
 
 
 def test_ready_is_503_when_redis_is_down(http, gw_env, own_redis):
-    from gateway import store
+    from gateway.state import store
 
     gw_env.set(VX11_REDIS_URL=own_redis.url)
     store.reset()

@@ -1,4 +1,4 @@
-"""The proxy's HTTP/1.1 upstream client (gateway/h1.py) against real TCP servers.
+"""The proxy's HTTP/1.1 upstream client (gateway/upstream/h1.py) against real TCP servers.
 
 Each test starts a small server on a free loopback port that answers with exactly the
 bytes the case needs (keep-alive, chunked, close-delimited, interim answers, garbage,
@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway import h1, upstream
-from gateway.problems import BadGateway, UpstreamTimeout, UpstreamUnavailable
+from gateway.core.problems import BadGateway, UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream import client as upstream
+from gateway.upstream import h1
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 

@@ -1,11 +1,11 @@
-"""``gateway.h1`` and h11 read the same hostile byte streams the same way, or h1 refuses.
+"""``gateway.upstream.h1`` and h11 read the same hostile byte streams the same way, or h1 refuses.
 
 Hypothesis writes an upstream's answer byte by byte — status lines in and out of range,
 interim answers, random header sets with duplicate ``Content-Length``, ``Transfer-Encoding``
 variants, obs-fold continuation lines and control characters, chunked bodies with bad
 sizes, extensions and trailers, answers cut short, bytes after the answer (a second,
 injected answer among them) — and a raw TCP server sends it, split at random points.
-``gateway.h1`` reads it over the socket; h11 (the parser of httpcore and uvicorn, an
+``gateway.upstream.h1`` reads it over the socket; h11 (the parser of httpcore and uvicorn, an
 independent implementation) reads the same bytes as a client. The properties:
 
 - when h1 gives an answer, h11 gives the same status, header fields and body (field
@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gateway import h1
+from gateway.upstream import h1
 
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 

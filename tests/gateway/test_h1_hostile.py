@@ -1,4 +1,4 @@
-"""``gateway.h1`` against a hostile module: raw TCP servers that send exactly the bytes an
+"""``gateway.upstream.h1`` against a hostile module: raw TCP servers that send exactly the bytes an
 attacker controlling a module would (issue #12, items 1, 7 and 8).
 
 A module must never reach beyond its own exchange: bytes after a complete answer (a second
@@ -22,8 +22,9 @@ import httpx
 import pytest
 import uvloop
 
-from gateway import h1, upstream
-from gateway.problems import BadGateway, InvalidRequest
+from gateway.core.problems import BadGateway, InvalidRequest
+from gateway.upstream import client as upstream
+from gateway.upstream import h1
 from tests.conftest import OPERATOR_TOKEN, GwEnv, LiveGateway
 
 EVIL = (

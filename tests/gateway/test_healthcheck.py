@@ -17,8 +17,11 @@ import redis.asyncio as aioredis
 from django.core.management import call_command
 from prometheus_client import REGISTRY
 
-from gateway import events, services
-from gateway.healthcheck import (
+from gateway.config.modules import ModuleInfo
+from gateway.models import ModuleHealth
+from gateway.operations import events
+from gateway.operations import registry as services
+from gateway.operations.health import (
     LEASE_KEY,
     HealthChecker,
     HealthSchedule,
@@ -27,8 +30,6 @@ from gateway.healthcheck import (
     RedisLease,
     probe,
 )
-from gateway.models import ModuleHealth
-from gateway.modules import ModuleInfo
 from tests.conftest import MODULE_NAMES, OPERATOR_TOKEN, wait_until
 from tests.servers import ROOT, GatewayProcess, free_port, fresh_database_url
 

@@ -315,7 +315,7 @@ async def test_stream_intent_delivers_first_chunk_before_upstream_finishes(gatew
 
 
 def test_unexpected_error_is_a_500_problem_with_correlation_id(http, operator_headers, monkeypatch):
-    from gateway import pipeline
+    from gateway.edge import pipeline
 
     async def explode(*args, **kwargs):
         raise RuntimeError("kaboom")

@@ -1,4 +1,4 @@
-"""The request path's pipelined Redis connection (gateway/resp.py), against real servers."""
+"""The request path's pipelined Redis connection (gateway/state/resp.py), against real servers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from gateway.resp import PipelinedRedis, Script, encode
+from gateway.state.resp import PipelinedRedis, Script, encode
 from tests.conftest import FakeClock
 from tests.servers import RedisServer
 

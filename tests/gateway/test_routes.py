@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
+from gateway.config.routes import CODE_ROUTES, IntentType
 from gateway.models import Route
-from gateway.routes import CODE_ROUTES, IntentType
 from tests.conftest import OPERATOR_TOKEN, wait_until
 from tests.servers import GatewayProcess, fresh_database_url
 

@@ -1,4 +1,4 @@
-"""``gateway/server.py`` relies on uvicorn's httptools protocol internals: pin them.
+"""``gateway/edge/server.py`` relies on uvicorn's httptools protocol internals: pin them.
 
 ``GatewayHttpProtocol`` replaces ``data_received`` and ``on_response_complete`` with
 copies that differ only in the keep-alive timer, ``on_header`` and ``on_body`` with
@@ -19,7 +19,7 @@ from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from gateway.server import GatewayHttpProtocol, Sweeper
+from gateway.edge.server import GatewayHttpProtocol, Sweeper
 from gateway.startup import HTTP_PROTOCOL, server_command
 
 #: The HttpToolsProtocol methods the guard copies, wraps or depends on (uvicorn 0.54.0).
@@ -44,7 +44,7 @@ DIGEST = "23df4c1d078e5e1107d67a822cb7234ac6fd0bd6f06a2038e44160dfe0fc2c11"
 
 def test_uvicorn_is_the_version_the_guard_was_written_for():
     assert uvicorn.__version__ == "0.54.0", (
-        "uvicorn changed: re-check gateway/server.py against its httptools_impl.py"
+        "uvicorn changed: re-check gateway/edge/server.py against its httptools_impl.py"
     )
     assert httptools.__version__.startswith("0.")
 

@@ -655,7 +655,7 @@ def test_admin_clear_page_is_for_staff_only(client, db):
 
 @pytest.mark.django_db(transaction=True)
 async def test_cache_clear_is_announced_on_the_event_stream(gw_env):
-    from gateway import services
+    from gateway.operations import registry as services
     from vx11site.asgi import application
 
     services.reset()

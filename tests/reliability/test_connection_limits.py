@@ -1,4 +1,4 @@
-"""Hostile clients at the HTTP server layer (``gateway/server.py``), against a real process.
+"""Hostile clients at the HTTP server layer (``gateway/edge/server.py``), against a real process.
 
 Huge request heads, heads that trickle in, connections that never send a byte, and more
 connections than a worker takes: each is measured on a real ``uvicorn`` process started

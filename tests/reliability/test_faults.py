@@ -423,7 +423,7 @@ async def test_the_route_table_version_check_waits_one_store_timeout_at_most(
     hung_redis, gw_env, clock
 ):
     """The version check ran with four store timeouts (200 ms) on a request's path."""
-    from gateway.snapshot import Snapshot, SnapshotHolder
+    from gateway.config.snapshot import Snapshot, SnapshotHolder
 
     gw_env.set(VX11_REDIS_URL=hung_redis.url, VX11_STORE_TIMEOUT="0.05")
     holder = SnapshotHolder(clock=clock)

@@ -325,7 +325,7 @@ async def test_oversize_headers_are_refused_and_never_forwarded(h: Hostile, kind
     else:
         data = request_bytes("GET", "/vx11/routes", [*h.op, ("X-Big", "a" * (1 << 20))])
     answer = await h.send(data)
-    assert is_problem(answer, 431), (answer.status, answer.body[:200])  # gateway/server.py
+    assert is_problem(answer, 431), (answer.status, answer.body[:200])  # gateway/edge/server.py
     assert h.echo.seen == []
     healthy = await h.send(request_bytes("GET", "/health", []))
     assert healthy.status == 200

@@ -408,8 +408,8 @@ async def test_a_context7_session_started_on_host_a_continues_on_host_b(
 
 def _store_client(kind: str) -> Any:
     """The shared client management code uses (redis-py behind a fair gate), or the
-    request path's pipelined connection (gateway/resp.py)."""
-    from gateway import store
+    request path's pipelined connection (gateway/state/resp.py)."""
+    from gateway.state import store
 
     return store.async_client() if kind == "gated" else store.script_client()
 
@@ -424,8 +424,8 @@ async def test_a_burst_on_a_cold_store_client_is_decided_by_the_shared_store(
     Before: the client opened a connection per concurrent call and most calls timed out
     while connecting (then each process decided on its own).
     """
-    from gateway import store
     from gateway.policies.ratelimit import RateLimiter, RedisRateLimitBackend, Scope
+    from gateway.state import store
 
     gw_env.set(VX11_REDIS_URL=redis_url, VX11_STORE_TIMEOUT=0.05)
     store.reset()
@@ -448,8 +448,8 @@ async def test_sustained_concurrency_above_the_gate_size_starves_no_store_call(
     A bounded ``BlockingConnectionPool`` (tried first) lets a releasing caller take the
     connection back ahead of the woken waiter; some waiters starved past every timeout.
     """
-    from gateway import store
     from gateway.policies.ratelimit import RateLimiter, RedisRateLimitBackend, Scope
+    from gateway.state import store
 
     gw_env.set(VX11_REDIS_URL=redis_url, VX11_STORE_TIMEOUT=0.05)
     store.reset()
@@ -486,7 +486,7 @@ async def test_a_stalled_event_loop_is_not_charged_to_the_store(redis_url: str) 
         RedisBreakerBackend,
     )
     from gateway.policies.ratelimit import StoreGuard
-    from gateway.resp import PipelinedRedis
+    from gateway.state.resp import PipelinedRedis
 
     client = aioredis.Redis.from_url(redis_url)
     scripts = PipelinedRedis(redis_url)
@@ -523,7 +523,7 @@ async def test_a_stalled_event_loop_is_not_charged_to_the_store(redis_url: str) 
 
 @pytest.mark.reliability
 async def test_a_store_that_does_not_answer_still_times_out_within_the_budget() -> None:
-    from gateway.policies.deadline import default_cap, store_call
+    from gateway.core.deadline import default_cap, store_call
     from gateway.policies.ratelimit import StoreGuard, StoreUnavailable
 
     hung = asyncio.Event()  # never set: a store that accepted the call and went silent

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from asgiref.sync import sync_to_async
 
-from gateway.problems import Forbidden, InvalidRequest
+from gateway.core.problems import Forbidden, InvalidRequest
 from sessions_ctx7 import enrich
 from sessions_ctx7.models import Message, Session
 
@@ -166,7 +166,7 @@ async def test_sessions_survive_a_fresh_event_loop_and_connections():
     """State lives in the database, not in the process: new connections see it."""
     from django.db import connections
 
-    from gateway.snapshot import holder
+    from gateway.config.snapshot import holder
 
     await enrich.begin(ALICE, body(message="remember me"), "durable")
     holder.invalidate()

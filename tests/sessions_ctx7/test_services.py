@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from gateway.problems import Forbidden
+from gateway.core.problems import Forbidden
 from sessions_ctx7 import services
 from sessions_ctx7.models import Message, Session
 

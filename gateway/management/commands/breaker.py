@@ -5,7 +5,7 @@ host reads. Without Redis (the embedded default) each gateway process keeps its 
 its own memory; the command acts through the database instead: an action is written as a
 ``BreakerCommand`` row and announced with a configuration version bump, and every running
 gateway process applies it within ``VX11_ROUTE_REFRESH_SECONDS`` (a second at most; see
-``gateway.services``). ``status`` then reads the ``BreakerState`` rows the gateways write on
+``gateway.operations.registry``). ``status`` then reads the ``BreakerState`` rows the gateways write on
 each transition (failure counts between transitions are not written there).
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gateway import store
 from gateway.api.breakers import breaker_statuses, force_breaker, module_table
-from gateway.snapshot import watches_database
+from gateway.config.snapshot import watches_database
+from gateway.state import store
 
 ACTIONS = {"reset": "reset", "open": "force_open", "close": "force_closed", "auto": "auto"}
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from gateway.conf import gw
-from gateway.problems import GatewayError
+from gateway.core.conf import gw
+from gateway.core.problems import GatewayError
 
 
 class Command(BaseCommand):

@@ -1,7 +1,7 @@
 """``manage.py run_health_checks``: the active health-check worker (SPEC §11).
 
 Long-running by default: probes every enabled module on the schedule of
-:class:`gateway.healthcheck.HealthSchedule`, one checker per deployment when Redis is
+:class:`gateway.operations.health.HealthSchedule`, one checker per deployment when Redis is
 configured (leader lease), and stops cleanly on SIGTERM or SIGINT, releasing the lease.
 ``--once`` probes every enabled module once, stores the results, prints a table and exits.
 """
@@ -18,9 +18,9 @@ import httpx
 import redis.asyncio as aioredis
 from django.core.management.base import BaseCommand, CommandParser
 
-from gateway import events, store
-from gateway.conf import gw
-from gateway.healthcheck import (
+from gateway.core.conf import gw
+from gateway.operations import events
+from gateway.operations.health import (
     HealthChecker,
     HealthSchedule,
     Lease,
@@ -28,6 +28,7 @@ from gateway.healthcheck import (
     ProbeResult,
     RedisLease,
 )
+from gateway.state import store
 
 
 def _client() -> httpx.AsyncClient:

@@ -22,7 +22,7 @@ from gateway.policies.breaker import (
     RedisBreakerBackend,
 )
 from gateway.policies.ratelimit import FailMode, RateLimiter, RedisRateLimitBackend, Scope
-from gateway.resp import PipelinedRedis
+from gateway.state.resp import PipelinedRedis
 from tests.conftest import FakeClock
 from tests.servers import RedisServer
 

@@ -23,7 +23,7 @@ from gateway.policies.breaker import (
     Transition,
     is_failure,
 )
-from gateway.resp import PipelinedRedis
+from gateway.state.resp import PipelinedRedis
 from tests.conftest import FakeClock
 from tests.servers import RedisServer
 
@@ -33,7 +33,7 @@ M = "madre"
 @pytest.fixture(params=["memory", "redis", "redis-pipelined"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[BreakerBackend]:
     """The contract runs on memory, on Redis through redis-py, and on Redis through the
-    request path's pipelined connection (gateway/resp.py)."""
+    request path's pipelined connection (gateway/state/resp.py)."""
     if request.param == "memory":
         yield MemoryBreakerBackend()
         return

@@ -25,7 +25,7 @@ from gateway.policies.ratelimit import (
     ScopeResult,
     ratelimit_headers,
 )
-from gateway.resp import PipelinedRedis
+from gateway.state.resp import PipelinedRedis
 from tests.conftest import FakeClock
 from tests.servers import RedisServer
 
@@ -41,7 +41,7 @@ async def backend(
     request: pytest.FixtureRequest, redis_url: str
 ) -> AsyncIterator[RateLimitBackend]:
     """The contract runs on memory, on Redis through redis-py, and on Redis through the
-    request path's pipelined connection (gateway/resp.py)."""
+    request path's pipelined connection (gateway/state/resp.py)."""
     if request.param == "memory":
         yield MemoryRateLimitBackend()
         return
@@ -79,7 +79,7 @@ async def test_admits_exactly_limit_of_concurrent_requests(
 _CHILD = """
 import asyncio, sys, time
 from gateway.policies.ratelimit import RateLimiter, RedisRateLimitBackend, Scope
-from gateway.resp import PipelinedRedis
+from gateway.state.resp import PipelinedRedis
 
 async def main(url, n, limit, now, start_at):
     client = PipelinedRedis(url)  # what a gateway process decides through

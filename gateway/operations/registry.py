@@ -26,10 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from gateway import events, store
-from gateway.conf import gw
+from gateway.config.modules import ModuleInfo
+from gateway.config.snapshot import holder, watcher
+from gateway.core.conf import gw
 from gateway.models import BreakerCommand
-from gateway.modules import ModuleInfo
+from gateway.operations import events
 from gateway.policies.admission import Admission
 from gateway.policies.backpressure import PriorityLimiter
 from gateway.policies.breaker import (
@@ -54,9 +55,9 @@ from gateway.policies.respcache import (
     SingleFlight,
 )
 from gateway.policies.retry import RetryBudget
-from gateway.snapshot import holder, watcher
+from gateway.state import store
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.operations.registry")
 #: This process, as named in the ``BreakerCommand`` rows it issued (and applied) itself.
 PROCESS_ID = uuid.uuid4().hex
 

@@ -14,8 +14,8 @@ from django.core.exceptions import (
 )
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 
-from gateway import correlation
-from gateway.problems import GatewayError, InternalError, InvalidRequest, PayloadTooLarge
+from gateway.core import correlation
+from gateway.core.problems import GatewayError, InternalError, InvalidRequest, PayloadTooLarge
 
 log = logging.getLogger("gateway")
 _DJANGO_HANDLED = (Http404, PermissionDenied, SuspiciousOperation, BadRequest)

@@ -17,11 +17,11 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from gateway.conf import gw
-from gateway.policies.deadline import answered, default_cap
-from gateway.resp import PipelinedRedis
+from gateway.core.conf import gw
+from gateway.core.deadline import answered, default_cap
+from gateway.state.resp import PipelinedRedis
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.state.store")
 
 _async_clients: dict[int, aioredis.Redis] = {}
 _script_clients: dict[int, tuple[asyncio.AbstractEventLoop, PipelinedRedis]] = {}
@@ -37,7 +37,7 @@ _script_clients: dict[int, tuple[asyncio.AbstractEventLoop, PipelinedRedis]] = {
 GATE_SIZE = 32
 _sync_client: redis.Redis | None = None
 _lock = threading.Lock()
-#: Where the configuration version lives in Redis (``gateway.snapshot``).
+#: Where the configuration version lives in Redis (``gateway.config.snapshot``).
 VERSION_KEY = "vx11:config:version"
 
 
@@ -73,7 +73,7 @@ def async_client() -> aioredis.Redis:
     key = id(loop)
     client = _async_clients.get(key)
     if client is None:
-        # Request-path calls are bounded by gateway.policies.deadline.store_call (the store
+        # Request-path calls are bounded by gateway.core.deadline.store_call (the store
         # timeout, not charged for our own loop's stalls); the socket timeouts are only a
         # backstop and must not cut in first, so they match its wall-time cap.
         backstop = default_cap(max(float(gw.store_timeout), 0.05))
@@ -90,7 +90,7 @@ def async_client() -> aioredis.Redis:
 
 
 def script_client() -> PipelinedRedis:
-    """The request path's pipelined connection for this event loop (``gateway.resp``).
+    """The request path's pipelined connection for this event loop (``gateway.state.resp``).
 
     Rate-limit and breaker decisions run their scripts through it: one connection, every
     call pipelined, ≈ 1/6 of redis-py's CPU per call (``python -m bench.redis_clients``).
@@ -122,7 +122,7 @@ class LocalVersion:
     """This process's own configuration changes, counted: its snapshot follows them at once.
 
     Other processes' changes arrive through the carrier (:func:`publish_version`: Redis;
-    without Redis the ``ConfigVersion`` row), which ``gateway.snapshot`` watches.
+    without Redis the ``ConfigVersion`` row), which ``gateway.config.snapshot`` watches.
     """
 
     value = 0

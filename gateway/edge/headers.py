@@ -224,7 +224,7 @@ def _settings_changed(*, setting: str, **kwargs: Any) -> None:
         _edge = None
 
 
-setting_changed.connect(_settings_changed, dispatch_uid="gateway.headers.edge")
+setting_changed.connect(_settings_changed, dispatch_uid="gateway.edge.headers.edge")
 
 
 def host_allowed(host: str) -> bool:

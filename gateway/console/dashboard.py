@@ -25,10 +25,10 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, URLResolver, path, reverse
 from django.views.decorators.http import require_POST
 
-from gateway.consumers import state_snapshot
-from gateway.middleware import problem_response
-from gateway.problems import AuthRequired, Forbidden, GatewayError, NotFound
-from gateway.snapshot import holder
+from gateway.config.snapshot import holder
+from gateway.console.consumers import state_snapshot
+from gateway.console.middleware import problem_response
+from gateway.core.problems import AuthRequired, Forbidden, GatewayError, NotFound
 
 # --------------------------------------------------------------------------- presentation
 
@@ -130,7 +130,7 @@ async def clear_cache(request: HttpRequest) -> HttpResponse:
 @require_POST
 async def probe(request: HttpRequest, module: str) -> HttpResponse:
     """The "probe now" button: one health probe, stored and announced like the worker's."""
-    from gateway import healthcheck
+    from gateway.operations import health as healthcheck
 
     refused = await _refusal(request)
     if refused is not None:

@@ -1,4 +1,4 @@
-"""Heads for ``gateway.h1``: the request head written upstream, and the answer's framing.
+"""Heads for ``gateway.upstream.h1``: the request head written upstream, and the answer's framing.
 
 Both directions are checked the way the careful proxies do, at the cost of a few C-level
 scans per request rather than a Python loop per character:

@@ -10,9 +10,10 @@ from django.core.cache import cache
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from gateway import correlation, store
-from gateway.middleware import problem_response
-from gateway.problems import Forbidden, InternalError, NotFound
+from gateway.console.middleware import problem_response
+from gateway.core import correlation
+from gateway.core.problems import Forbidden, InternalError, NotFound
+from gateway.state import store
 
 log = logging.getLogger("gateway")
 VERSION = "1.0.0"
@@ -61,10 +62,10 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 async def metrics_view(request: HttpRequest) -> HttpResponse:
     """``GET /metrics``: Prometheus text, no token (``VX11_METRICS_*`` switch and allow-list)."""
-    from gateway import metrics
     from gateway.api.edge import refresh_gauges
-    from gateway.conf import gw
-    from gateway.headers import client_ip, ip_allowed
+    from gateway.core import metrics
+    from gateway.core.conf import gw
+    from gateway.edge.headers import client_ip, ip_allowed
 
     cid = correlation.current.get()
     if not gw.metrics_enabled:

@@ -1,7 +1,7 @@
 """``/ws/events``: the live event stream for staff sessions and admin tokens (SPEC §13).
 
 On connect the client gets a ``snapshot`` (every module's breaker and health), then
-every event published on the channel layer group :data:`gateway.events.GROUP`:
+every event published on the channel layer group :data:`gateway.operations.events.GROUP`:
 ``breaker.transition``, ``module.health``, ``route.changed``, ``cache.cleared``.
 A client that reconnects resynchronises from the fresh snapshot; it may also ask
 for one at any time by sending ``{"type": "snapshot"}``.
@@ -36,12 +36,14 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.http.request import validate_host
 
-from gateway import auth, events, services
 from gateway.api.breakers import UNKNOWN_HEALTH, health_rows
-from gateway.conf import gw
-from gateway.snapshot import holder
+from gateway.config.snapshot import holder
+from gateway.core.conf import gw
+from gateway.edge import auth
+from gateway.operations import events
+from gateway.operations import registry as services
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.console.consumers")
 
 CLOSE_AUTH_REQUIRED = 4401
 CLOSE_FORBIDDEN = 4403

@@ -11,13 +11,13 @@ This client keeps **one** connection per event loop and pipelines every call ove
 commands issued during one loop iteration leave in one ``write`` (flushed by a
 ``call_soon``), replies are parsed by ``hiredis`` (C) in ``data_received`` and handed to
 the waiting callers in order. Redis answers in order, so no call ever waits for a free
-connection, and a burst never opens a storm of connections (the reason ``gateway.store``
+connection, and a burst never opens a storm of connections (the reason ``gateway.state.store``
 put a gate in front of redis-py's pool).
 
 It does only what the hot path needs: ``EVALSHA`` with a transparent ``EVAL`` when the
 server lost its script cache, plain commands, ``AUTH``/``SELECT`` from the URL, reconnect
 on the next call after the connection drops. Timeouts are the caller's
-(``gateway.policies.deadline.store_call``); a caller that gives up leaves its reply to be
+(``gateway.core.deadline.store_call``); a caller that gives up leaves its reply to be
 discarded when it arrives. A connection that stops answering altogether is dropped once
 its oldest unanswered command is older than ``stale_after`` seconds, so a store that hangs
 (rather than refuses) does not keep callers queued behind a dead socket.
@@ -42,7 +42,7 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from gateway.policies.deadline import answered
+from gateway.core.deadline import answered
 
 Arg = str | bytes | int | float
 

@@ -3,10 +3,10 @@
     auth (proxy.build_call) → rate limit → [cache | Context-7] → backpressure
         → (breaker → upstream) × attempts → record
 
-Each step is a plain async function over a :class:`~gateway.proxy.Call`; the
+Each step is a plain async function over a :class:`~gateway.edge.proxy.Call`; the
 policies themselves live in ``gateway.policies`` and are reached through
-:mod:`gateway.services`. Reading and writing the answer, and recording the attempt's
-breaker outcome once its body is known, is :mod:`gateway.answer`. Errors are raised as ``gateway.problems`` exceptions and
+:mod:`gateway.operations.registry`. Reading and writing the answer, and recording the attempt's
+breaker outcome once its body is known, is :mod:`gateway.edge.answer`. Errors are raised as ``gateway.core.problems`` exceptions and
 rendered in one place (``ProxyApp``).
 """
 
@@ -15,17 +15,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway import metrics, services, upstream
-from gateway.answer import read_answer, send_buffered, stream_response
-from gateway.asgi_util import Receive, Send
-from gateway.auth import Principal
-from gateway.conf import gw
-from gateway.policies.backpressure import Overloaded, QueueTimeout, priority_from_name
-from gateway.policies.breaker import Permit
-from gateway.policies.ratelimit import Scope, ratelimit_headers
-from gateway.policies.respcache import CachedResponse
-from gateway.policies.retry import RETRY_STATUSES, may_retry_request, next_delay
-from gateway.problems import (
+from gateway.core import metrics
+from gateway.core.asgi import Receive, Send
+from gateway.core.conf import gw
+from gateway.core.problems import (
     BadGateway,
     CircuitOpen,
     GatewayError,
@@ -34,8 +27,17 @@ from gateway.problems import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.proxy import Call, ClientGone, read_all, read_small
-from gateway.upstream import Body, UpstreamResponse
+from gateway.edge.answer import read_answer, send_buffered, stream_response
+from gateway.edge.auth import Principal
+from gateway.edge.proxy import Call, ClientGone, read_all, read_small
+from gateway.operations import registry as services
+from gateway.policies.backpressure import Overloaded, QueueTimeout, priority_from_name
+from gateway.policies.breaker import Permit
+from gateway.policies.ratelimit import Scope, ratelimit_headers
+from gateway.policies.respcache import CachedResponse
+from gateway.policies.retry import RETRY_STATUSES, may_retry_request, next_delay
+from gateway.upstream import client as upstream
+from gateway.upstream.client import Body, UpstreamResponse
 
 CACHED_PATHS = frozenset({"/shub/health", "/shub/ready"})
 CACHED_HEADERS = frozenset(

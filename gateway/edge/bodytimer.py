@@ -12,7 +12,7 @@ operations) and one sweep per event loop, armed only while someone waits, cancel
 readers whose time has passed. The price is precision: a timeout fires between its
 deadline and one sweep interval (a tenth of the timeout, at most 1 s) later.
 
-One reader, ``gateway.proxy._receive``, uses it for every body message: it puts
+One reader, ``gateway.edge.proxy._receive``, uses it for every body message: it puts
 ``task -> deadline`` in ``waiting``, arms the sweep if needed, and on cancellation asks
 ``expired(task)`` whether the sweep cancelled it (then the 408 problem is raised).
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.conf import gw
+from gateway.core.conf import gw
 
 #: Sweep at most this often per second and at least once per this many seconds.
 MIN_INTERVAL = 0.02

@@ -1,8 +1,8 @@
-"""One connection to a module for ``gateway.h1``: the asyncio protocol and llhttp callbacks.
+"""One connection to a module for ``gateway.upstream.h1``: the asyncio protocol and llhttp callbacks.
 
 The parser is fed only while an exchange is open and its answer is not complete; what
-a hostile module can send beyond that is closed, never parsed (``gateway.h1``'s
-docstring lists the rules, ``gateway.h1_head`` the framing checks).
+a hostile module can send beyond that is closed, never parsed (``gateway.upstream.h1``'s
+docstring lists the rules, ``gateway.upstream.h1_head`` the framing checks).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import NoReturn, cast
 
 import httptools
 
-from gateway.h1_head import (
+from gateway.upstream.h1_head import (
     FRAMING_NAME_SIZES,
     MAX_FIELDS,
     MAX_HEAD_BYTES,
@@ -51,7 +51,7 @@ class Connection(asyncio.Protocol):
     The parser is fed only while an exchange is open and its answer is not complete: a
     byte the module sends while idle, after the end of the answer (a second status line,
     a late body), or past a head that ends a bodiless answer closes the connection, so
-    nothing is ever parsed into the next exchange (the rules: ``gateway.h1``'s docstring).
+    nothing is ever parsed into the next exchange (the rules: ``gateway.upstream.h1``'s docstring).
     """
 
     __slots__ = (
@@ -100,7 +100,7 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.reusable = True
         self.bodiless = False
-        self.length = UNSIZED  # Content-Length, CHUNKED or UNSIZED (gateway.h1_head)
+        self.length = UNSIZED  # Content-Length, CHUNKED or UNSIZED (gateway.upstream.h1_head)
         self.refusal: str | None = None  # why the head's framing is refused
         self.pending = 0  # bytes read without progress (see data_received)
         self.interim = 0  # fields of skipped 1xx heads ...

@@ -283,7 +283,7 @@ def reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `gateway/conf.py` by `python -m gateway.conf > docs/CONFIGURATION.md`;",
+        "Generated from `gateway/core/conf.py` by `python -m gateway.core.conf > docs/CONFIGURATION.md`;",
         "`tests/gateway/test_config_reference.py` fails when the two differ.",
         "",
         "Django and storage settings read by `vx11site/settings.py`:",
@@ -310,7 +310,7 @@ def reference_markdown() -> str:
         "| `VX11_MODULE_<NAME>_URL` | code default | Module base URL, e.g. "
         "`VX11_MODULE_SWITCH_URL`; `VX11_SHUB_UPSTREAM` is an alias for shub |",
         "",
-        "Gateway knobs (`VX11_*`), read lazily by `gateway.conf.gw`:",
+        "Gateway knobs (`VX11_*`), read lazily by `gateway.core.conf.gw`:",
         "",
     ]
     return "\n".join(lines) + "\n" + knob_table()
@@ -328,7 +328,7 @@ if __name__ == "__main__":
     import sys
     from pathlib import Path
 
-    if sys.argv[1:] == ["--readme"]:  # python -m gateway.conf --readme: refresh README.md
+    if sys.argv[1:] == ["--readme"]:  # python -m gateway.core.conf --readme: refresh README.md
         path = Path(__file__).resolve().parent.parent / "README.md"
         path.write_text(readme_with_knobs(path.read_text()))
     else:

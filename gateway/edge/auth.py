@@ -14,8 +14,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from gateway.conf import gw
-from gateway.snapshot import Snapshot
+from gateway.config.snapshot import Snapshot
+from gateway.core.conf import gw
 
 
 @dataclass(frozen=True, slots=True)

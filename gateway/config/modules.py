@@ -8,9 +8,9 @@ from dataclasses import dataclass, replace
 
 from django.core.exceptions import ValidationError
 
-from gateway.validation import validate_module_url
+from gateway.config.validation import validate_module_url
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.config.modules")
 
 CODE_MODULES: dict[str, str] = {
     "madre": "http://127.0.0.1:8001",

@@ -45,9 +45,10 @@ import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from redis.exceptions import RedisError
 
-from gateway import events, metrics
-from gateway.modules import ModuleInfo, build_modules
-from gateway.policies.clock import Clock
+from gateway.config.modules import ModuleInfo, build_modules
+from gateway.core import metrics
+from gateway.core.clock import Clock
+from gateway.operations import events
 
 log = logging.getLogger("gateway.health")
 
@@ -114,7 +115,7 @@ class HealthSchedule:
 
     @classmethod
     def from_settings(cls) -> HealthSchedule:
-        from gateway.conf import gw
+        from gateway.core.conf import gw
 
         return cls(
             interval=float(gw.health_interval),
@@ -323,7 +324,7 @@ def load_modules() -> dict[str, ModuleInfo]:
 
 
 async def _mark_healthy(module: str) -> None:
-    from gateway import services
+    from gateway.operations import registry as services
 
     await services.get().breaker.mark_healthy(module)
 
@@ -516,7 +517,7 @@ def probe_now(info: ModuleInfo) -> tuple[ProbeResult, ModuleState]:
     from asgiref.sync import async_to_sync
 
     from gateway.api.breakers import management_breaker
-    from gateway.conf import gw
+    from gateway.core.conf import gw
 
     async def run() -> tuple[ProbeResult, ModuleState]:
         async with (

@@ -23,7 +23,7 @@ reload the old snapshot keeps serving; if the carrier is down, so does the last
 version seen.
 
 The watcher also calls its listeners when the version moves (and once at
-start): ``gateway.services`` applies the breaker commands other processes left
+start): ``gateway.operations.registry`` applies the breaker commands other processes left
 in the database.
 """
 
@@ -41,16 +41,16 @@ from typing import TYPE_CHECKING, cast
 from asgiref.sync import sync_to_async
 from django.db import connection
 
-from gateway import store
-from gateway.conf import gw
+from gateway.config.modules import ModuleInfo, build_modules
+from gateway.config.routes import RouteConfig, build_routes
+from gateway.core.conf import gw
 from gateway.models import ApiClient, ConfigVersion, Module, Route
-from gateway.modules import ModuleInfo, build_modules
-from gateway.routes import RouteConfig, build_routes
+from gateway.state import store
 
 if TYPE_CHECKING:
     from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteWrapper
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.config.snapshot")
 _serials = itertools.count(1)
 
 

@@ -3,8 +3,8 @@
 Mounted ahead of Django in ``vx11site.asgi`` because Django's ASGI handler
 costs ≈1.7 ms CPU per request here (a thread per request for
 ``response.close``, see docs/PERFORMANCE.md). This handler reads the ASGI scope,
-runs the shared pipeline (``gateway.pipeline``) and streams the answer. Every
-error becomes a problem+json answer through ``gateway.problems``.
+runs the shared pipeline (``gateway.edge.pipeline``) and streams the answer. Every
+error becomes a problem+json answer through ``gateway.core.problems``.
 """
 
 from __future__ import annotations
@@ -18,23 +18,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_to_bytes
 
-from gateway import auth, bodytimer, correlation, metrics
-from gateway.asgi_util import Message, Receive, Scope, Send, send_bytes
-from gateway.conf import gw
-from gateway.headers import (
-    DROP_DOWNSTREAM,
-    OWNED_PREFIXES,
-    RequestHead,
-    client_ip,
-    edge,
-    forwarded_proto,
-    host_allowed,
-    listed_names,
-    sets_gateway_cookie,
-    strip_gateway_cookies,
-)
-from gateway.modules import ModuleInfo
-from gateway.problems import (
+from gateway.config.modules import ModuleInfo
+from gateway.config.routes import RouteConfig
+from gateway.config.snapshot import Snapshot, holder
+from gateway.config.validation import INTENT_RE
+from gateway.core import correlation, metrics
+from gateway.core.asgi import Message, Receive, Scope, Send, send_bytes
+from gateway.core.conf import gw
+from gateway.core.problems import (
     AuthRequired,
     Forbidden,
     GatewayError,
@@ -47,9 +38,19 @@ from gateway.problems import (
     UnknownIntent,
     UpstreamUnavailable,
 )
-from gateway.routes import RouteConfig
-from gateway.snapshot import Snapshot, holder
-from gateway.validation import INTENT_RE
+from gateway.edge import auth, bodytimer
+from gateway.edge.headers import (
+    DROP_DOWNSTREAM,
+    OWNED_PREFIXES,
+    RequestHead,
+    client_ip,
+    edge,
+    forwarded_proto,
+    host_allowed,
+    listed_names,
+    sets_gateway_cookie,
+    strip_gateway_cookies,
+)
 
 log = logging.getLogger("gateway.proxy")
 INTENT_PREFIX = "/vx11/route/"
@@ -313,7 +314,7 @@ class ProxyApp:
     """ASGI application for the proxy paths (mounted by ``vx11site.asgi``)."""
 
     def __init__(self) -> None:
-        from gateway import pipeline
+        from gateway.edge import pipeline
 
         self.pipeline = pipeline
 

@@ -8,7 +8,7 @@ head and body in one ``write``, parse the answer with ``httptools`` (llhttp, in 
 parser uvicorn uses), keep connections alive in a per-host pool, stream large answers with
 flow control. ``python -m bench.clients`` measures it against aiohttp and httpx.
 
-What it does, and what it leaves to aiohttp (``gateway.upstream`` chooses):
+What it does, and what it leaves to aiohttp (``gateway.upstream.client`` chooses):
 
 - request bodies given as ``bytes`` (or none). A streamed request body (large, or
   chunked from the client) goes through aiohttp, which streams it with back-pressure;
@@ -26,7 +26,7 @@ What it does, and what it leaves to aiohttp (``gateway.upstream`` chooses):
   an exact message boundary. Refused with :class:`UpstreamProtocolError`: a status
   outside 100–599, a head over 64 KiB or 100 fields, a ``Transfer-Encoding`` other than
   exactly one ``chunked``, two ``Content-Length`` lines, both framings, broken chunks, a
-  1xx with a body; trailer fields are dropped (``gateway.h1_head``);
+  1xx with a body; trailer fields are dropped (``gateway.upstream.h1_head``);
 - the request head is checked before a byte is sent (:class:`InvalidRequestHead`:
   CR/LF/NUL in the target or a value, a header name that is not a token);
 - one deadline for the whole exchange (connect, head and body), a separate connect
@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-from gateway.h1_conn import (
+from gateway.upstream.h1_conn import (
     HIGH_WATER,
     LOW_WATER,
     ConnectFailed,
@@ -54,7 +54,7 @@ from gateway.h1_conn import (
     UpstreamClosed,
     UpstreamProtocolError,
 )
-from gateway.h1_head import InvalidRequestHead, Origin, request_head
+from gateway.upstream.h1_head import InvalidRequestHead, Origin, request_head
 
 
 @lru_cache(maxsize=256)

@@ -32,7 +32,7 @@ that one sweep per worker and event loop decrements (it replaces uvicorn's keep-
 per ``data_received``, one attribute test per header field and a few attribute stores
 per request.
 
-Selected with ``uvicorn --http gateway.server:GatewayHttpProtocol`` (``server_command``).
+Selected with ``uvicorn --http gateway.edge.server:GatewayHttpProtocol`` (``server_command``).
 It relies on uvicorn 0.54's internals (pinned in requirements.txt);
 ``tests/gateway/test_server_guard.py`` fails when an upgrade changes them.
 """
@@ -50,9 +50,9 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway import correlation
-from gateway.conf import gw
-from gateway.problems import GatewayError, ServiceOverloaded
+from gateway.core import correlation
+from gateway.core.conf import gw
+from gateway.core.problems import GatewayError, ServiceOverloaded
 from gateway.startup import MAX_HEADER_BYTES, MAX_HEADER_COUNT, HeadersTooLarge
 
 log = logging.getLogger("gateway")

@@ -2,13 +2,13 @@
 
 Two clients, one interface (:class:`UpstreamResponse`):
 
-- ``gateway.h1`` for every request whose body is in memory (none, a body that arrived in
+- ``gateway.upstream.h1`` for every request whose body is in memory (none, a body that arrived in
   one message, a replayable retry body): a lean HTTP/1.1 client on ``httptools`` with a
   keep-alive pool per module, ≈ 20 µs CPU per round trip against aiohttp's ≈ 70 µs
   (``python -m bench.clients``; docs/PERFORMANCE.md);
 - aiohttp's client for streamed request bodies (large or chunked), which it sends with
   back-pressure: one connection per upload (an idle aiohttp connection would take an
-  answer a module sends unasked), the answer's framing held to ``gateway.h1``'s rules.
+  answer a module sends unasked), the answer's framing held to ``gateway.upstream.h1``'s rules.
 
 httpx (≈ 800 µs per round trip here) stays where its cost does not matter: health probes,
 the demo, tests.
@@ -26,15 +26,21 @@ from collections.abc import AsyncIterator
 import aiohttp
 import yarl
 
-from gateway import h1
-from gateway.conf import gw
-from gateway.h1_head import FRAMING_NAME_SIZES, MAX_FIELDS, MAX_HEAD_BYTES, UNSIZED, framing
-from gateway.problems import (
+from gateway.core.conf import gw
+from gateway.core.problems import (
     BadGateway,
     GatewayError,
     InvalidRequest,
     UpstreamTimeout,
     UpstreamUnavailable,
+)
+from gateway.upstream import h1
+from gateway.upstream.h1_head import (
+    FRAMING_NAME_SIZES,
+    MAX_FIELDS,
+    MAX_HEAD_BYTES,
+    UNSIZED,
+    framing,
 )
 
 CHUNK = 64 * 1024
@@ -61,7 +67,7 @@ def session() -> aiohttp.ClientSession:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None),
-            # gateway.h1's limits, as near as aiohttp has them (it has no bound on the
+            # gateway.upstream.h1's limits, as near as aiohttp has them (it has no bound on the
             # whole head: 100 fields of at most 64 KiB each)
             max_line_size=MAX_HEAD_BYTES,
             max_field_size=MAX_HEAD_BYTES,
@@ -127,7 +133,7 @@ def _body_error(exc: BaseException) -> GatewayError:
 
 
 class H1UpstreamResponse(UpstreamResponse):
-    """An answer read through ``gateway.h1`` (request bodies in memory)."""
+    """An answer read through ``gateway.upstream.h1`` (request bodies in memory)."""
 
     __slots__ = ("_response", "headers", "status")
 
@@ -219,7 +225,7 @@ async def send(
     504, an invalid answer (a status outside 100–599 included) → 502, a request that
     cannot be written as HTTP/1.1 (CR/LF/NUL in the target or a header value, a header
     name that is not a token) → 400 before anything is sent. A body in memory (or none)
-    goes through ``gateway.h1``; a streamed body through aiohttp.
+    goes through ``gateway.upstream.h1``; a streamed body through aiohttp.
     """
     connect_timeout = min(timeout, 10.0)
     if body is None or isinstance(body, bytes):
@@ -271,7 +277,7 @@ async def send(
 
 
 def _framing_refusal(headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
-    """Why ``gateway.h1`` would refuse this head's framing (a ``Transfer-Encoding`` other
+    """Why ``gateway.upstream.h1`` would refuse this head's framing (a ``Transfer-Encoding`` other
     than exactly one ``chunked``, or with a ``Content-Length``); ``None``: it would not."""
     length = UNSIZED
     for name, value in headers:

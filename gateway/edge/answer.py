@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway import services
-from gateway.asgi_util import Receive, Send
+from gateway.core.asgi import Receive, Send
+from gateway.core.problems import GatewayError
+from gateway.edge.proxy import Call, response_headers
+from gateway.operations import registry as services
 from gateway.policies.breaker import CLOSED, Permit
-from gateway.problems import GatewayError
-from gateway.proxy import Call, response_headers
-from gateway.upstream import UpstreamResponse
+from gateway.upstream.client import UpstreamResponse
 
 #: Sized answers up to this many bytes are read whole and written in one message.
 SMALL_ANSWER = 64 * 1024

@@ -17,9 +17,9 @@ from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
 
-from gateway import metrics
+from gateway.core import metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.operations.events")
 GROUP = "vx11.events"
 QUEUE_MAX = 10_000
 

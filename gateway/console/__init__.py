@@ -1,0 +1,1 @@
+"""Console: what operators see: admin dashboard, live events, Django views and middleware."""

@@ -1,0 +1,1 @@
+"""Core: what every layer may use: knobs (conf), problems, correlation ids, metrics, ASGI types, clocks, deadlines."""

@@ -1,0 +1,1 @@
+"""Edge: the request path: ASGI adapter, request parsing, pipeline steps, answer writing."""

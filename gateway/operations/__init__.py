@@ -1,0 +1,1 @@
+"""Operations: what the API, admin, dashboard, commands and health worker call down into."""
