@@ -6,25 +6,24 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import Model
-from django.http import HttpRequest
-from django.urls import URLPattern, path
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from gateway.config.modules import CODE_MODULES, env_overrides
 from gateway.config.routes import CODE_ROUTES, OVERRIDABLE
+from gateway.config.shapes import BREAKER_FIELDS
+from gateway.console import dashboard
+from gateway.console.dashboard import badge, live_badge_columns
+from gateway.core.conf import gw
+from gateway.core.problems import GatewayError
 from gateway.models import ApiClient, BreakerState, BreakerTransition, Module, ModuleHealth, Route
-
-
-def badge(text: str, tone: str) -> SafeString:
-    """Colour plus text, never colour alone."""
-    colours = {"ok": "#1b7f3b", "warn": "#a86400", "bad": "#b3261e", "idle": "#5f6368"}
-    return format_html(
-        '<span style="background:{};color:#fff;padding:1px 7px;border-radius:9px;'
-        'font-size:11px;font-weight:600;white-space:nowrap">{}</span>',
-        colours.get(tone, "#5f6368"),
-        text,
-    )
+from gateway.operations import configuration
+from gateway.operations import health as healthcheck
+from gateway.operations.breakers import force_many
+from gateway.operations.cache import clear_cache_sync
 
 
 @admin.register(Module)
@@ -44,25 +43,13 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
         (None, {"fields": ["name", "url", "defaults_note", "health_path", "enabled"]}),
         (
             "Circuit breaker (empty = VX11_CB_* defaults)",
-            {
-                "fields": [
-                    "failure_threshold",
-                    "recovery_timeout",
-                    "half_open_max_calls",
-                    "success_threshold",
-                    "failure_rate_threshold",
-                    "window_seconds",
-                    "min_calls",
-                ]
-            },
+            {"fields": list(BREAKER_FIELDS)},
         ),
         (None, {"fields": ["updated_at"]}),
     ]
 
     def get_list_display(self, request: HttpRequest) -> Any:
         """Live health and breaker badges beside the settings (read once per page)."""
-        from gateway.console.dashboard import live_badge_columns
-
         return [
             "name",
             "effective_url",
@@ -74,14 +61,11 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
 
     @admin.display(description="URL in use")
     def effective_url(self, obj: Module) -> str:
-        if obj.url:
-            return obj.url
-        return env_overrides()[0].get(obj.name) or CODE_MODULES.get(obj.name, "—")
+        return configuration.module_url(obj.name, obj.url)
 
     @admin.display(description="Code default / env")
     def defaults_note(self, obj: Module) -> str:
-        env = env_overrides()[0].get(obj.name)
-        code = CODE_MODULES.get(obj.name)
+        code, env = configuration.module_defaults(obj.name)
         return f"code: {code or '—'}; env: {env or '—'}"
 
     @admin.display(description="Breaker")
@@ -96,15 +80,12 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
         return ", ".join(parts) or "defaults"
 
     def _breaker(self, request: HttpRequest, queryset: Any, action: str) -> None:
-        """The same call as ``POST /vx11/circuit-breaker/{module}`` (gateway.api.breakers)."""
-        from gateway.api.breakers import force_breaker, module_table
-
-        table = module_table()
+        """The same call as ``POST /vx11/circuit-breaker/{module}`` (gateway.operations.breakers)."""
+        table = configuration.module_table()
         try:
             done = [
-                f"{m.name} → {force_breaker(m.name, action, table).state}"
-                for m in queryset
-                if m.name in table
+                f"{name} → {status.state}"
+                for name, status in force_many([m.name for m in queryset], action, table)
             ]
         except Exception as exc:
             self.message_user(request, f"Breaker {action} failed: {exc!r}", messages.ERROR)
@@ -129,14 +110,11 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
 
     @admin.action(description="Probe health now")
     def probe_now(self, request: HttpRequest, queryset: Any) -> None:
-        from gateway.api.breakers import module_table
-        from gateway.operations.health import probe_now
-
-        table = module_table()
+        table = configuration.module_table()
         for m in queryset:
             if m.name not in table:
                 continue
-            result, state = probe_now(table[m.name])
+            result, state = healthcheck.probe_now(table[m.name])
             if result.ok:
                 self.message_user(
                     request, f"{m.name}: up ({result.latency_ms:g} ms).", messages.SUCCESS
@@ -181,10 +159,8 @@ class RouteAdmin(admin.ModelAdmin[Route]):
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> Any:
-        from gateway.config.routes import build_routes
-
-        table = build_routes(list(Route.objects.all()))
-        extra = {"effective_routes": [table[k].as_dict() for k in sorted(table)]}
+        table = configuration.effective_routes()
+        extra = {"effective_routes": [table[k] for k in sorted(table)]}
         return super().changelist_view(request, {**(extra_context or {}), **extra})
 
 
@@ -235,8 +211,6 @@ class ApiClientAdmin(admin.ModelAdmin[ApiClient]):
 
     @admin.action(description="Revoke selected clients")
     def revoke(self, request: HttpRequest, queryset: Any) -> None:
-        from django.utils import timezone
-
         count = 0
         for client in queryset:
             client.active = False
@@ -306,13 +280,27 @@ class ModuleHealthAdmin(ReadOnlyAdmin[ModuleHealth]):
     change_list_template = "admin/gateway/modulehealth/change_list.html"  # + cache-clear button
 
     def get_urls(self) -> list[URLPattern]:
-        from gateway.api.edge import admin_clear_cache
-
-        view = self.admin_site.admin_view(admin_clear_cache)
+        view = self.admin_site.admin_view(self.clear_cache_view)
         return [path("clear-cache/", view, name="gateway_cache_clear"), *super().get_urls()]
+
+    def clear_cache_view(self, request: HttpRequest) -> HttpResponse:
+        """A confirmation form whose POST clears the cache (staff only, CSRF-checked)."""
+        if request.method == "POST":
+            try:
+                deleted = clear_cache_sync("admin")
+            except GatewayError as exc:
+                messages.error(request, exc.detail)
+            else:
+                messages.success(request, f"Gateway cache cleared: {deleted} key(s) deleted.")
+            return HttpResponseRedirect(reverse("admin:index"))
+        context: dict[str, Any] = {
+            **self.admin_site.each_context(request),
+            "title": "Clear the gateway cache",
+            "cache_ttl": gw.cache_ttl_health,
+            "shared": bool(gw.redis_url),
+        }
+        return TemplateResponse(request, "admin/gateway/cache_clear.html", context)
 
 
 # The live dashboard (/admin/dashboard/) and its session endpoints: gateway/console/dashboard.py.
-from gateway.console import dashboard  # noqa: E402
-
 dashboard.install(admin.site)

@@ -9,5 +9,8 @@ class GatewayConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from gateway import checks, signals  # noqa: F401  (registers checks and receivers)
-        from gateway.api import schema  # noqa: F401  (registers the OpenAPI auth extension)
+        # Registers the system checks and the signal receivers.
+        from gateway import checks, signals  # noqa: F401  # deferred: Django app registry
+
+        # Registers the OpenAPI auth extension.
+        from gateway.api import schema  # noqa: F401  # deferred: Django app registry

@@ -9,12 +9,12 @@ from django.core.checks import CheckMessage, Error, Warning, register
 
 from gateway.config.modules import env_overrides
 from gateway.core.conf import gw
+from gateway.state.redis_url import UnsupportedRedisURL, check_url
 from vx11site.env import EnvError
 
 
 @register("vx11")
 def gateway_checks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    messages: list[CheckMessage] = []
     try:
         gw.reload()
         _ = gw.token
@@ -26,31 +26,59 @@ def gateway_checks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 hint="Fix the variable's value; docs/CONFIGURATION.md lists them all.",
             )
         ]
-    for problem in env_overrides()[1]:
-        messages.append(
+    return [*_module_urls(), *_redis_url(), *_authentication(), *_workers()]
+
+
+def _module_urls() -> list[CheckMessage]:
+    return [
+        Error(
+            f"Invalid module URL: {problem}",
+            id="gateway.E002",
+            hint="Use http(s)://host[:port] with no path.",
+        )
+        for problem in env_overrides()[1]
+    ]
+
+
+def _redis_url() -> list[CheckMessage]:
+    if not gw.redis_url:
+        return []
+    try:
+        check_url(gw.redis_url)
+    except UnsupportedRedisURL as exc:
+        return [
             Error(
-                f"Invalid module URL: {problem}",
-                id="gateway.E002",
-                hint="Use http(s)://host[:port] with no path.",
+                f"VX11_REDIS_URL: {exc}",
+                id="gateway.E003",
+                hint="Use the options redis-py documents for redis:// and rediss:// URLs.",
             )
-        )
-    if gw.auth_enabled and not gw.token and not settings.DEBUG:
-        messages.append(
-            Warning(
-                "Authentication is on but VX11_TOKEN is empty; the server will refuse to start.",
-                id="gateway.W004",
-                hint="Set VX11_TOKEN, or DJANGO_DEBUG=1 for development, or VX11_AUTH_ENABLED=false.",
-            )
-        )
+        ]
+    return []
+
+
+def _authentication() -> list[CheckMessage]:
     if not gw.auth_enabled:
-        messages.append(
+        return [
             Warning(
                 "VX11_AUTH_ENABLED=false: every caller has operator rights.",
                 id="gateway.W001",
                 hint="Development only.",
             )
-        )
-    if int(gw.workers) > 1 and not gw.redis_url:
+        ]
+    if not gw.token and not settings.DEBUG:
+        return [
+            Warning(
+                "Authentication is on but VX11_TOKEN is empty; the server will refuse to start.",
+                id="gateway.W004",
+                hint="Set VX11_TOKEN, or DJANGO_DEBUG=1 for development, or VX11_AUTH_ENABLED=false.",
+            )
+        ]
+    return []
+
+
+def _workers() -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    if gw.workers > 1 and not gw.redis_url:
         messages.append(
             Warning(
                 "Several workers with in-process state: rate limits, breakers, cache and route "
@@ -59,7 +87,7 @@ def gateway_checks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 hint="Set VX11_REDIS_URL for more than one worker or host.",
             )
         )
-    if int(gw.workers) > 1 and "sqlite" in settings.DATABASES["default"]["ENGINE"]:
+    if gw.workers > 1 and "sqlite" in settings.DATABASES["default"]["ENGINE"]:
         messages.append(
             Warning(
                 "Several workers on SQLite: writes will queue on one file.",

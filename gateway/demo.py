@@ -17,39 +17,47 @@ from aiohttp import web
 from gateway.config.modules import CODE_MODULES
 
 
-def build_app(name: str) -> web.Application:
-    state: dict[str, Any] = {"status": 200, "delay": 0.0}
+async def body_of(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object (a non-object is wrapped, a non-JSON body kept as text)."""
+    raw = await request.read()
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        value = {"raw": raw.decode("utf-8", "replace")}
+    return value if isinstance(value, dict) else {"value": value}
 
-    async def body_of(request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
-        try:
-            value = json.loads(raw) if raw else {}
-        except ValueError:
-            value = {"raw": raw.decode("utf-8", "replace")}
-        return value if isinstance(value, dict) else {"value": value}
 
-    async def faults(request: web.Request) -> web.Response | None:
-        if state["delay"]:
-            await asyncio.sleep(state["delay"])
-        if state["status"] >= 400:
+class DemoModule:
+    """One stub module's handlers and its fault switch (``POST /_demo/mode``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.state: dict[str, Any] = {"status": 200, "delay": 0.0}
+
+    async def faults(self, request: web.Request) -> web.Response | None:
+        if self.state["delay"]:
+            await asyncio.sleep(self.state["delay"])
+        if self.state["status"] >= 400:
             return web.json_response(
-                {"error": "demo failure", "module": name}, status=state["status"]
+                {"error": "demo failure", "module": self.name}, status=self.state["status"]
             )
         return None
 
-    async def health(request: web.Request) -> web.Response:
-        if state["status"] >= 400:
-            return web.json_response({"status": "down", "module": name}, status=state["status"])
-        return web.json_response({"status": "ok", "module": name})
+    async def health(self, request: web.Request) -> web.Response:
+        if self.state["status"] >= 400:
+            return web.json_response(
+                {"status": "down", "module": self.name}, status=self.state["status"]
+            )
+        return web.json_response({"status": "ok", "module": self.name})
 
-    async def mode(request: web.Request) -> web.Response:
+    async def mode(self, request: web.Request) -> web.Response:
         data = await body_of(request)
-        state["status"] = int(data.get("status", 200))
-        state["delay"] = float(data.get("delay", 0.0))
-        return web.json_response({"module": name, **state})
+        self.state["status"] = int(data.get("status", 200))
+        self.state["delay"] = float(data.get("delay", 0.0))
+        return web.json_response({"module": self.name, **self.state})
 
-    async def route_v5(request: web.Request) -> web.Response:
-        failed = await faults(request)
+    async def route_v5(self, request: web.Request) -> web.Response:
+        failed = await self.faults(request)
         if failed:
             return failed
         data = await body_of(request)
@@ -57,36 +65,37 @@ def build_app(name: str) -> web.Application:
         summary = (data.get("metadata") or {}).get("context_summary", "")
         return web.json_response(
             {
-                "module": name,
+                "module": self.name,
                 "response": f"switch heard: {prompt}",
                 "context_summary_seen": summary,
                 "session_id": data.get("session_id"),
             }
         )
 
-    async def task(request: web.Request) -> web.StreamResponse:
-        failed = await faults(request)
+    async def task(self, request: web.Request) -> web.StreamResponse:
+        failed = await self.faults(request)
         if failed:
             return failed
         data = await body_of(request)
         if not data.get("stream"):
-            return web.json_response({"module": name, "status": "accepted", "task": data})
+            return web.json_response({"module": self.name, "status": "accepted", "task": data})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(int(data.get("chunks", 5))):
-            await response.write(f"data: {json.dumps({'chunk': i, 'module': name})}\n\n".encode())
+            chunk = json.dumps({"chunk": i, "module": self.name})
+            await response.write(f"data: {chunk}\n\n".encode())
             await asyncio.sleep(float(data.get("interval", 0.2)))
         await response.write_eof()
         return response
 
-    async def generic(request: web.Request) -> web.Response:
-        failed = await faults(request)
+    async def generic(self, request: web.Request) -> web.Response:
+        failed = await self.faults(request)
         if failed:
             return failed
         data = await body_of(request)
         return web.json_response(
             {
-                "module": name,
+                "module": self.name,
                 "path": request.path,
                 "method": request.method,
                 "status": "ok",
@@ -94,20 +103,23 @@ def build_app(name: str) -> web.Application:
             }
         )
 
-    async def shub_openapi(request: web.Request) -> web.Response:
+    async def shub_openapi(self, request: web.Request) -> web.Response:
         info = {"title": "shub (demo)", "version": "0"}
         return web.json_response({"openapi": "3.0.0", "info": info, "paths": {}})
 
+
+def build_app(name: str) -> web.Application:
+    module = DemoModule(name)
     app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", health)
-    app.router.add_post("/_demo/mode", mode)
+    app.router.add_get("/health", module.health)
+    app.router.add_get("/ready", module.health)
+    app.router.add_post("/_demo/mode", module.mode)
     if name == "switch":
-        app.router.add_post("/switch/route-v5", route_v5)
-        app.router.add_post("/switch/task", task)
+        app.router.add_post("/switch/route-v5", module.route_v5)
+        app.router.add_post("/switch/task", module.task)
     if name == "shub":
-        app.router.add_get("/openapi.json", shub_openapi)
-    app.router.add_route("*", "/{tail:.*}", generic)
+        app.router.add_get("/openapi.json", module.shub_openapi)
+    app.router.add_route("*", "/{tail:.*}", module.generic)
     return app
 
 

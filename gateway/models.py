@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import secrets
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, models, router, transaction
-from django.db.models import F
-from django.utils import timezone
+from django.db import models, transaction
 
+from gateway.config.modules import CODE_MODULES, ModuleInfo, env_overrides
+from gateway.config.routes import CODE_ROUTES
+from gateway.config.shapes import (
+    BREAKER_FIELDS,
+    BreakerSettings,
+    RouteFields,
+    check_model,
+    values_of,
+)
 from gateway.config.validation import (
     METHODS,
     TIMEOUT_MAX,
@@ -24,119 +30,15 @@ from gateway.config.validation import (
     module_url_validator,
     validate_module_url,
 )
-from gateway.state import store
+from gateway.config.versioning import ConfigModel
+from gateway.config.versioning import ConfigVersion as ConfigVersion
+from gateway.config.versioning import announce_change as announce_change
+from gateway.core.tokens import hash_token
 
 log = logging.getLogger(__name__)
 
 PRIORITY_CHOICES = [("health", "health"), ("analysis", "analysis"), ("other", "other")]
 BREAKER_STATES = [("closed", "closed"), ("open", "open"), ("half_open", "half-open")]
-
-
-# --------------------------------------------------------------------------- config version
-
-
-class ConfigVersion(models.Model):
-    """One row: the configuration version, seen by every process on the database.
-
-    Every write of a ``Module``, ``Route`` or ``ApiClient`` (save, delete, bulk writes
-    through :class:`ConfigQuerySet`, ``loaddata``) bumps it in the same transaction
-    (:func:`announce_change`), so a committed change cannot miss its bump (a failed bump
-    fails the write). Every gateway process compares it with its snapshot's
-    (``gateway.config.snapshot``, in a background thread) when there is no Redis. With Redis the
-    counter in Redis is the carrier; this row is bumped as well, so it always records that
-    a change happened.
-    """
-
-    ROW = 1
-
-    version = models.BigIntegerField(default=0)
-    updated_at = models.DateTimeField(auto_now=True)
-
-    class Meta:
-        verbose_name = "configuration version"
-
-    def __str__(self) -> str:
-        return f"configuration version {self.version}"
-
-    @classmethod
-    def bump(cls, using: str | None = None) -> None:
-        """Add one (the row is created when missing, e.g. after a flush)."""
-        rows = cls.objects.using(using)
-        values = {"version": F("version") + 1, "updated_at": timezone.now()}
-        if rows.filter(pk=cls.ROW).update(**values):
-            return
-        try:
-            with transaction.atomic(using=using):
-                rows.create(pk=cls.ROW, version=1)
-        except IntegrityError:  # another process created it meanwhile
-            rows.filter(pk=cls.ROW).update(**values)
-
-    @classmethod
-    def lock(cls, using: str | None = None) -> None:
-        """Take the row's lock until the transaction ends (``SELECT ... FOR UPDATE``).
-
-        Every configuration write takes this lock before its own rows, so writers queue
-        here rather than deadlock on each other's rows. SQLite has no row locks and needs
-        none: its transactions are ``IMMEDIATE`` (settings), one writer at a time.
-        """
-        conn = transaction.get_connection(using)
-        if conn.features.has_select_for_update:
-            rows = cls.objects.using(using).select_for_update().filter(pk=cls.ROW)
-            list(rows.values_list("pk", flat=True))
-
-    @classmethod
-    def read(cls) -> int:
-        found = cls.objects.filter(pk=cls.ROW).values_list("version", flat=True).first()
-        return int(found or 0)
-
-
-def _announce_committed() -> None:
-    """After the commit: this process's counter, and the Redis carrier when configured."""
-    store.bump_local()
-    store.publish_version()
-
-
-def announce_change(using: str | None = None) -> None:
-    """Record a configuration change: call it inside the writing transaction.
-
-    The ``ConfigVersion`` row is bumped now, in the transaction, so the change and its
-    announcement commit (or roll back) together; only the local counter and the Redis
-    publish wait for the commit. Once per transaction: a later write in it finds the
-    commit hook already queued (a rolled-back savepoint drops the hook with its bump).
-    Outside a transaction (the write was autocommitted) the row is bumped at once.
-    """
-    conn = transaction.get_connection(using)
-    if not conn.in_atomic_block:
-        ConfigVersion.bump(using)
-        _announce_committed()
-        return
-    if any(func is _announce_committed for _, func, _ in conn.run_on_commit):
-        return  # this transaction already bumped
-    ConfigVersion.bump(using)
-    transaction.on_commit(_announce_committed, using=using)
-
-
-class ConfigModel(models.Model):
-    """A configuration table: a save or delete bumps the version in its own transaction."""
-
-    class Meta:
-        abstract = True
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
-        with transaction.atomic(using=using, savepoint=False):
-            ConfigVersion.lock(using)
-            super().save(*args, **kwargs)  # post_save (gateway.signals) announces it
-
-    save.alters_data = True  # type: ignore[attr-defined]
-
-    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
-        using = kwargs.get("using") or router.db_for_write(type(self), instance=self)
-        with transaction.atomic(using=using, savepoint=False):
-            ConfigVersion.lock(using)
-            return super().delete(*args, **kwargs)  # post_delete announces it
-
-    delete.alters_data = True  # type: ignore[attr-defined]
 
 
 class ConfigQuerySet[M: models.Model](models.QuerySet[M]):
@@ -217,6 +119,13 @@ class Module(ConfigModel):
     def __str__(self) -> str:
         return self.name
 
+    def info(self) -> ModuleInfo:
+        """This row as a module-table entry (an empty URL inherits, in ``build_modules``)."""
+        breaker = values_of(self, BREAKER_FIELDS)
+        return ModuleInfo(
+            self.name, self.url, self.health_path, self.enabled, "database", **breaker
+        )
+
     def clean(self) -> None:
         if self.url:
             with contextlib.suppress(ValidationError):  # the field validator reports it
@@ -256,9 +165,6 @@ class Route(ConfigModel):
         return self.intent
 
     def clean(self) -> None:
-        from gateway.config.modules import known_module_names
-        from gateway.config.routes import CODE_ROUTES
-
         errors: dict[str, Any] = {}
         if self.module and self.module not in known_module_names():
             errors["module"] = f"Unknown module {self.module!r}."
@@ -273,9 +179,11 @@ class Route(ConfigModel):
             raise ValidationError(errors)
 
 
-def hash_token(token: str) -> str:
-    """Tokens are 256-bit random strings, so one SHA-256 is enough (no slow KDF needed)."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+def known_module_names() -> set[str]:
+    """Every module name that exists now (synchronous: admin/API validation only)."""
+    names = set(CODE_MODULES) | set(env_overrides()[0])
+    names.update(Module.objects.values_list("name", flat=True))
+    return names
 
 
 def new_token() -> str:
@@ -392,3 +300,8 @@ class ModuleHealth(models.Model):
 
     def __str__(self) -> str:
         return f"{self.module}: {self.status}"
+
+
+# The columns of the configuration tables follow their shapes (gateway.config.shapes).
+check_model(Module, BreakerSettings)
+check_model(Route, RouteFields)

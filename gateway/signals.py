@@ -16,6 +16,7 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from gateway.models import ApiClient, Module, Route, announce_change
+from gateway.operations import events
 
 
 @receiver(post_save, sender=Module)
@@ -32,8 +33,6 @@ def config_changed(sender: type, using: str | None = None, **kwargs: Any) -> Non
 @receiver(post_delete, sender=Route)
 def route_changed(sender: type, instance: Route, **kwargs: Any) -> None:
     """Tell live dashboards (``/ws/events``) once the change is committed."""
-    from gateway.operations import events
-
     action = "deleted" if kwargs.get("signal") is post_delete else "saved"
     event = {"type": "route.changed", "intent": instance.intent, "action": action}
     transaction.on_commit(lambda: events.emit(event))

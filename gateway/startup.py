@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import multiprocessing
+import os
+import signal
 import sys
 from typing import Any
 
 from django.conf import settings
 
-from gateway.core.asgi import Receive, Scope, Send
+from gateway import upstream
+from gateway.core import correlation
+from gateway.core.asgi import Receive, Scope, Send, send_bytes
 from gateway.core.conf import gw
-from gateway.core.problems import InvalidRequest
+from gateway.edge.limits import MAX_HEADER_BYTES, MAX_HEADER_COUNT, HeadersTooLarge
 
 log = logging.getLogger("gateway")
 
@@ -57,10 +63,6 @@ def stop_supervisor() -> None:
     """Under ``uvicorn --workers N`` the app is loaded in worker processes that uvicorn
     restarts forever when they die; a refusal to start must stop the whole server, so
     the worker asks its supervisor (the multiprocessing parent) to shut down."""
-    import multiprocessing
-    import os
-    import signal
-
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid is not None:
         os.kill(parent.pid, signal.SIGTERM)
@@ -84,31 +86,12 @@ def check_production_auth() -> None:
         )
 
 
-#: A request head (request line and headers) in bytes, and header lines, at most. The server
-#: protocol (``gateway/edge/server.py``) answers 431 past either before buffering more and closes
-#: the connection; the check in ``HttpDispatcher`` (names and values) is the second line, for
-#: heads the protocol cannot measure exactly (pipelined in one read) and for servers run
-#: without it (the in-process test server runs h11).
-MAX_HEADER_BYTES = 64 * 1024
-MAX_HEADER_COUNT = 100
-
-
-class HeadersTooLarge(InvalidRequest):
-    """431; the code stays ``invalid_request`` (SPEC §2 has no code of its own for it)."""
-
-    status, title = 431, "Request header fields too large"
-
-    def __init__(self) -> None:
-        super().__init__(
-            f"The request head is larger than {MAX_HEADER_BYTES} bytes or has more than "
-            f"{MAX_HEADER_COUNT} header fields."
-        )
+# The head limits (``MAX_HEADER_BYTES``, ``MAX_HEADER_COUNT``, ``HeadersTooLarge``) live in
+# ``gateway.edge.limits``, shared with the server protocol; imported above, so
+# ``gateway.startup.MAX_HEADER_BYTES`` and the others still resolve.
 
 
 async def refuse_oversized_headers(send: Send) -> None:
-    from gateway.core import correlation
-    from gateway.core.asgi import send_bytes
-
     cid = correlation.new_id()
     status, headers, body = HeadersTooLarge().render(cid)
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
@@ -148,8 +131,6 @@ def tune_gc() -> None:
     young-generation threshold is the usual server tuning (measured in
     docs/PERFORMANCE.md).
     """
-    import gc
-
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
@@ -163,8 +144,7 @@ class Lifespan:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from gateway.operations import registry as services
-        from gateway.upstream import client as upstream
+        from gateway.operations import registry as services  # deferred: imports gateway.models
 
         while True:
             message = await receive()
@@ -186,7 +166,7 @@ def websocket_application() -> Any:
     from channels.security.websocket import WebsocketDenier
     from django.urls import path, re_path
 
-    from gateway.console.consumers import EventsConsumer
+    from gateway.console.consumers import EventsConsumer  # deferred: imports gateway.models
 
     return AuthMiddlewareStack(
         URLRouter(
@@ -201,7 +181,7 @@ def websocket_application() -> Any:
 def build_application(django_app: Any) -> Any:
     from channels.routing import ProtocolTypeRouter
 
-    from gateway.edge.proxy import ProxyApp
+    from gateway.edge.proxy import ProxyApp  # deferred: imports gateway.models (Django set up)
 
     check_production_auth()
     mapping: dict[str, Any] = {
@@ -210,3 +190,15 @@ def build_application(django_app: Any) -> Any:
         "lifespan": Lifespan(),
     }
     return ProtocolTypeRouter(mapping)
+
+
+__all__ = [
+    "HTTP_PROTOCOL",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_COUNT",
+    "HeadersTooLarge",
+    "HttpDispatcher",
+    "Lifespan",
+    "build_application",
+    "server_command",
+]

@@ -10,7 +10,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.safestring import SafeString
 
-from gateway.admin import badge
+from gateway.console.dashboard import badge
 from sessions_ctx7 import services
 from sessions_ctx7.models import Message, Session
 

@@ -25,6 +25,7 @@ from django.utils import timezone
 from gateway.core.conf import gw
 from gateway.core.problems import Forbidden, NotFound
 from sessions_ctx7.models import Message, Session
+from sessions_ctx7.topics import classify_topic as classify_topic  # re-exported
 
 # ``\Z``, not ``$``: ``$`` also matches before a trailing newline, and "abc\n" would then
 # be stored and sent back in the ``X-VX11-Session`` header (an illegal header value).
@@ -32,7 +33,6 @@ SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 SNIPPET_CHARS = 100
 SUMMARY_MESSAGES = 3
 SUMMARY_CHARS = 256
-TOPIC_SCAN_CHARS = 4096
 PURGE_BATCH = 500
 SAVED_FIELDS = [
     "client",
@@ -44,162 +44,6 @@ SAVED_FIELDS = [
     "seq",
     "recent",
 ]
-
-# Keyword clustering: the topic with the most keyword hits wins; ties go to the
-# earlier topic in this table; no hit at all is "general".
-TOPIC_KEYWORDS: dict[str, frozenset[str]] = {
-    "code": frozenset(
-        {
-            "code",
-            "coding",
-            "python",
-            "javascript",
-            "typescript",
-            "java",
-            "rust",
-            "golang",
-            "c++",
-            "c#",
-            "function",
-            "functions",
-            "bug",
-            "bugs",
-            "debug",
-            "debugging",
-            "compile",
-            "compiler",
-            "script",
-            "program",
-            "programming",
-            "class",
-            "variable",
-            "api",
-            "sql",
-            "refactor",
-            "exception",
-            "traceback",
-            "stacktrace",
-            "git",
-            "regex",
-            "algorithm",
-            "syntax",
-            "django",
-            "library",
-            "unittest",
-            "pytest",
-            "json",
-            "method",
-        }
-    ),
-    "audio": frozenset(
-        {
-            "audio",
-            "sound",
-            "sounds",
-            "music",
-            "voice",
-            "speech",
-            "song",
-            "songs",
-            "mp3",
-            "wav",
-            "flac",
-            "ogg",
-            "podcast",
-            "microphone",
-            "mic",
-            "transcribe",
-            "transcription",
-            "volume",
-            "noise",
-            "pitch",
-            "melody",
-            "spectrogram",
-        }
-    ),
-    "browser": frozenset(
-        {
-            "browser",
-            "browse",
-            "browsing",
-            "website",
-            "webpage",
-            "web",
-            "url",
-            "link",
-            "links",
-            "chrome",
-            "chromium",
-            "firefox",
-            "safari",
-            "tab",
-            "tabs",
-            "click",
-            "navigate",
-            "scrape",
-            "scraping",
-            "cookie",
-            "cookies",
-            "dom",
-            "html",
-            "css",
-            "selenium",
-            "playwright",
-        }
-    ),
-    "system": frozenset(
-        {
-            "system",
-            "server",
-            "servers",
-            "cpu",
-            "memory",
-            "ram",
-            "disk",
-            "process",
-            "processes",
-            "restart",
-            "reboot",
-            "deploy",
-            "deployment",
-            "install",
-            "linux",
-            "windows",
-            "docker",
-            "kubernetes",
-            "network",
-            "logs",
-            "config",
-            "configuration",
-            "service",
-            "uptime",
-            "kernel",
-            "shell",
-            "terminal",
-            "daemon",
-        }
-    ),
-    "chat": frozenset(
-        {
-            "hello",
-            "hi",
-            "hey",
-            "thanks",
-            "thank",
-            "chat",
-            "talk",
-            "joke",
-            "conversation",
-            "greetings",
-            "bye",
-            "goodbye",
-            "ola",
-            "hola",
-            "gracias",
-        }
-    ),
-}
-_WORD_RE = re.compile(r"[a-z0-9+#]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,18 +124,6 @@ def summary_of(recent: list[Any]) -> str:
     """``role: first 100 chars`` of the last 3 messages, one per line, ≤ 256 chars."""
     lines = [f"{role}: {text}" for role, text in recent[-SUMMARY_MESSAGES:]]
     return "\n".join(lines)[:SUMMARY_CHARS]
-
-
-def classify_topic(text: str) -> str:
-    counts = dict.fromkeys(TOPIC_KEYWORDS, 0)
-    for word in _WORD_RE.findall(text[:TOPIC_SCAN_CHARS].lower()):
-        for topic, words in TOPIC_KEYWORDS.items():
-            if word in words:
-                counts[topic] += 1
-    best = max(counts.values())
-    if best == 0:
-        return "general"
-    return next(topic for topic, count in counts.items() if count == best)
 
 
 # --------------------------------------------------------------------------- turns

@@ -11,8 +11,9 @@ from rest_framework.request import Request
 
 from gateway.config.snapshot import ClientInfo, Snapshot
 from gateway.core.conf import gw
+from gateway.core.tokens import hash_token
 from gateway.edge import auth
-from gateway.models import ApiClient, hash_token
+from gateway.models import ApiClient
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,18 @@ def principal_for_token(token: str) -> auth.Principal | None:
     return auth.authenticate(token, Snapshot(0, {}, {}, {client.token_hash: info}))
 
 
+def staff_principal(user: Any) -> auth.Principal:
+    """A logged-in staff user as a Principal (admin rights, keyed by the user's pk)."""
+    return auth.Principal("staff", f"user:{user.pk}", str(user), True)
+
+
 def principal_of(request: Request) -> auth.Principal | None:
     """The caller as a Principal: token callers, staff sessions, or None."""
     if isinstance(request.auth, auth.Principal):
         return request.auth
     user = getattr(request, "user", None)
     if user is not None and getattr(user, "is_authenticated", False) and user.is_staff:
-        return auth.Principal("staff", f"user:{user.pk}", str(user), True)
+        return staff_principal(user)
     if not gw.auth_enabled:
         return auth.AUTH_DISABLED
     return None

@@ -17,24 +17,15 @@ from gateway.api.serializers import (
     RouteSerializer,
     RouteTableSerializer,
 )
-from gateway.config.routes import CODE_ROUTES, build_routes
+from gateway.config.routes import CODE_ROUTES, OVERRIDABLE, build_routes
 from gateway.config.validation import INTENT_RE
 from gateway.core.problems import InvalidRequest, NotFound
 from gateway.models import Route
 
+#: What a ``PUT`` resets an omitted field to: empty, so it inherits the code route again.
 _BLANK: dict[str, Any] = {
-    "module": "",
-    "endpoint": "",
-    "method": "",
-    "timeout": None,
-    "description": "",
-    "auth_required": None,
-    "priority": "",
-    "protected": None,
-    "streaming": None,
-    "context7": None,
-    "retry_post": None,
-    "enabled": True,
+    **{name: None if Route._meta.get_field(name).null else "" for name in OVERRIDABLE},
+    "enabled": Route._meta.get_field("enabled").default,
 }
 
 

@@ -84,20 +84,17 @@ _UPSTREAM_ANSWER: dict[str, Any] = {
 }
 
 
-def add_proxy_paths(
-    result: dict[str, Any],
-    generator: Any,
-    request: Any,
-    public: bool,
-) -> dict[str, Any]:
-    result.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
-    intent_param = {
-        "name": "intent",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "example": "chat"},
-    }
-    common = {
+_INTENT_PARAM: dict[str, Any] = {
+    "name": "intent",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "example": "chat"},
+}
+
+
+def _proxy_errors() -> dict[str, Any]:
+    """What a proxied call can answer besides the module's own answer."""
+    return {
         "400": _problem("Malformed JSON, bad session id or bad path"),
         "401": _problem("No credentials"),
         "403": _problem("Wrong credentials"),
@@ -108,7 +105,15 @@ def add_proxy_paths(
         "503": _problem("circuit_open, service_overloaded or upstream_unavailable"),
         "504": _problem("Upstream timeout"),
     }
-    result.setdefault("paths", {})["/vx11/route/{intent}"] = {
+
+
+def _header_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
+
+
+def _route_intent(common: dict[str, Any]) -> dict[str, Any]:
+    """``POST /vx11/route/{intent}``."""
+    return {
         "post": {
             "operationId": "route_intent",
             "summary": "Proxy an intent to its module",
@@ -119,19 +124,9 @@ def add_proxy_paths(
             "take `session_id` (or X-VX11-Session) and return X-VX11-Session.",
             "tags": ["proxy"],
             "parameters": [
-                intent_param,
-                {
-                    "name": "X-VX11-Session",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string"},
-                },
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string"},
-                },
+                _INTENT_PARAM,
+                _header_param("X-VX11-Session"),
+                _header_param("Idempotency-Key"),
             ],
             "requestBody": {
                 "required": False,
@@ -155,31 +150,48 @@ def add_proxy_paths(
             },
         }
     }
-    shub_ops: dict[str, Any] = {}
-    for method in ("get", "post", "put", "patch", "delete"):
-        shub_ops[method] = {
-            "operationId": f"shub_proxy_{method}",
-            "summary": f"{method.upper()} a path on module shub",
-            "description": "Forwarded to shub with /shub stripped. Public: /shub/health, "
-            "/shub/ready, /shub/openapi.json; others need X-VX11-GW-Token. GET /shub/health "
-            "and /shub/ready are cached (Cache-Status, X-Cache).",
-            "tags": ["proxy"],
-            "security": [{"GatewayToken": []}, {}],
-            "parameters": [
-                {
-                    "name": "path",
-                    "in": "path",
-                    "required": True,
-                    "schema": {"type": "string", "example": "health"},
-                }
-            ],
-            "responses": {
-                "200": {"description": "Shub's answer, unchanged", "content": _ANY},
-                **common,
-                "default": _UPSTREAM_ANSWER,
-            },
-        }
-    result["paths"]["/shub/{path}"] = shub_ops
+
+
+def _shub_operation(method: str, common: dict[str, Any]) -> dict[str, Any]:
+    """One method of ``/shub/{path}``."""
+    return {
+        "operationId": f"shub_proxy_{method}",
+        "summary": f"{method.upper()} a path on module shub",
+        "description": "Forwarded to shub with /shub stripped. Public: /shub/health, "
+        "/shub/ready, /shub/openapi.json; others need X-VX11-GW-Token. GET /shub/health "
+        "and /shub/ready are cached (Cache-Status, X-Cache).",
+        "tags": ["proxy"],
+        "security": [{"GatewayToken": []}, {}],
+        "parameters": [
+            {
+                "name": "path",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "example": "health"},
+            }
+        ],
+        "responses": {
+            "200": {"description": "Shub's answer, unchanged", "content": _ANY},
+            **common,
+            "default": _UPSTREAM_ANSWER,
+        },
+    }
+
+
+def add_proxy_paths(
+    result: dict[str, Any],
+    generator: Any,
+    request: Any,
+    public: bool,
+) -> dict[str, Any]:
+    """drf-spectacular postprocessing hook: the lean handler's paths and the plain views."""
+    result.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    common = _proxy_errors()
+    result.setdefault("paths", {})["/vx11/route/{intent}"] = _route_intent(common)
+    result["paths"]["/shub/{path}"] = {
+        method: _shub_operation(method, common)
+        for method in ("get", "post", "put", "patch", "delete")
+    }
     _document_problems(result["paths"])  # the DRF operations, before the plain views
     result["paths"].update(_plain_views())
     return result
@@ -232,30 +244,29 @@ def _json(description: str, schema: dict[str, Any], example: Any = None) -> dict
     return {"description": description, "content": {"application/json": media}}
 
 
-def _plain_views() -> dict[str, Any]:
-    """Endpoints served by plain (async) Django views rather than DRF."""
+def _op(
+    op_id: str,
+    summary: str,
+    tag: str,
+    responses: dict[str, Any],
+    security: list[Any] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "operationId": op_id,
+        "summary": summary,
+        "tags": [tag],
+        "responses": responses,
+    }
+    if security is not None:
+        body["security"] = security
+    return body
 
-    def op(
-        op_id: str,
-        summary: str,
-        tag: str,
-        responses: dict[str, Any],
-        security: list[Any] | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "operationId": op_id,
-            "summary": summary,
-            "tags": [tag],
-            "responses": responses,
-        }
-        if security is not None:
-            body["security"] = security
-        return body
 
-    credentials = {"401": _problem("No credentials"), "403": _problem("Wrong credentials")}
+def _probe_views() -> dict[str, Any]:
+    """``/health``, ``/ready`` and ``/metrics``: no credentials."""
     return {
         "/health": {
-            "get": op(
+            "get": _op(
                 "health",
                 "Liveness (no auth)",
                 "gateway",
@@ -270,7 +281,7 @@ def _plain_views() -> dict[str, Any]:
             )
         },
         "/ready": {
-            "get": op(
+            "get": _op(
                 "ready",
                 "Readiness: database and cache reachable (no auth)",
                 "gateway",
@@ -286,7 +297,7 @@ def _plain_views() -> dict[str, Any]:
             )
         },
         "/metrics": {
-            "get": op(
+            "get": _op(
                 "metrics",
                 "Prometheus metrics (VX11_METRICS_ALLOWED_IPS)",
                 "gateway",
@@ -300,8 +311,24 @@ def _plain_views() -> dict[str, Any]:
                 [],
             )
         },
+    }
+
+
+_RATE_LIMIT_EXAMPLE = {
+    "enabled": True,
+    "enforced": True,
+    "degraded": False,
+    "scopes": [{"scope": "token", "limit": 1000, "remaining": 998, "reset": 41, "window": 60}],
+}
+
+
+def _edge_views() -> dict[str, Any]:
+    """``/vx11/rate-limit/status`` and ``/shub/cache/clear`` (``gateway.api.edge``)."""
+    credentials = {"401": _problem("No credentials"), "403": _problem("Wrong credentials")}
+    cleared = _object({"status": _STRING, "keys_deleted": _INTEGER, "timestamp": _NUMBER})
+    return {
         "/vx11/rate-limit/status": {
-            "get": op(
+            "get": _op(
                 "rate_limit_status",
                 "The caller's current usage per rate-limit scope",
                 "gateway",
@@ -309,36 +336,21 @@ def _plain_views() -> dict[str, Any]:
                     "200": _json(
                         "Usage per scope (nothing is consumed)",
                         _RATE_LIMIT_STATUS,
-                        {
-                            "enabled": True,
-                            "enforced": True,
-                            "degraded": False,
-                            "scopes": [
-                                {
-                                    "scope": "token",
-                                    "limit": 1000,
-                                    "remaining": 998,
-                                    "reset": 41,
-                                    "window": 60,
-                                }
-                            ],
-                        },
+                        _RATE_LIMIT_EXAMPLE,
                     ),
                     **credentials,
                 },
             )
         },
         "/shub/cache/clear": {
-            "post": op(
+            "post": _op(
                 "shub_cache_clear",
                 "Empty the health cache (X-VX11-GW-Token)",
                 "proxy",
                 {
                     "200": _json(
                         "Cleared",
-                        _object(
-                            {"status": _STRING, "keys_deleted": _INTEGER, "timestamp": _NUMBER}
-                        ),
+                        cleared,
                         {"status": "cleared", "keys_deleted": 2, "timestamp": 1763780000.0},
                     ),
                     "401": _problem("No gateway token"),
@@ -350,6 +362,11 @@ def _plain_views() -> dict[str, Any]:
             )
         },
     }
+
+
+def _plain_views() -> dict[str, Any]:
+    """Endpoints served by plain (async) Django views rather than DRF."""
+    return {**_probe_views(), **_edge_views()}
 
 
 class GatewayTokenScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]

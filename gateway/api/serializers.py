@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_type_hints
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
-from gateway.config.modules import known_module_names
-from gateway.config.routes import CODE_ROUTES, OVERRIDABLE
+from gateway.config.routes import CODE_ROUTES, OVERRIDABLE, ROUTE_KEYS, RouteConfig
 from gateway.config.validation import (
     METHODS,
     TIMEOUT_MAX,
@@ -17,7 +16,7 @@ from gateway.config.validation import (
     validate_endpoint,
     validate_intent,
 )
-from gateway.models import PRIORITY_CHOICES, Route
+from gateway.models import PRIORITY_CHOICES, Route, known_module_names
 
 #: Read-only members of an effective route (``GET``) that a body may carry back unchanged,
 #: so ``GET`` then ``PUT`` of the same object works; they are ignored.
@@ -107,23 +106,27 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
         return attrs
 
 
+#: The serializer field of each type a ``RouteConfig`` field has.
+_FIELD_OF_TYPE: dict[object, type[serializers.Field[Any, Any, Any, Any]]] = {
+    str: serializers.CharField,
+    float: serializers.FloatField,
+    bool: serializers.BooleanField,
+}
+_ROUTE_TYPES = get_type_hints(RouteConfig)
+
+
+def _effective_field(name: str) -> serializers.Field[Any, Any, Any, Any]:
+    if name == "source":
+        return serializers.ChoiceField(choices=["code", "database"])
+    return _FIELD_OF_TYPE[_ROUTE_TYPES[name]]()
+
+
 class EffectiveRouteSerializer(serializers.Serializer[Any]):
     """One entry of the effective table (read-only)."""
 
-    intent = serializers.CharField()
-    module = serializers.CharField()
-    endpoint = serializers.CharField()
-    method = serializers.CharField()
-    timeout = serializers.FloatField()
-    description = serializers.CharField()
-    auth_required = serializers.BooleanField()
-    priority = serializers.CharField()
-    protected = serializers.BooleanField()
-    streaming = serializers.BooleanField()
-    context7 = serializers.BooleanField()
-    retry_post = serializers.BooleanField()
-    enabled = serializers.BooleanField()
-    source = serializers.ChoiceField(choices=["code", "database"])  # type: ignore[assignment]
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+        """``RouteConfig``'s fields (``ROUTE_KEYS``), built from the dataclass."""
+        return {name: _effective_field(name) for name in ROUTE_KEYS}
 
 
 class RouteTableSerializer(serializers.Serializer[Any]):

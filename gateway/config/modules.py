@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from django.core.exceptions import ValidationError
 
+from gateway.config.shapes import BreakerSettings
 from gateway.config.validation import validate_module_url
 
 log = logging.getLogger("gateway.config.modules")
@@ -27,20 +28,14 @@ ENV_ALIASES = {"shub": ("VX11_SHUB_UPSTREAM",)}
 
 
 @dataclass(frozen=True, slots=True)
-class ModuleInfo:
+class ModuleInfo(BreakerSettings):
+    """One module of the effective table, with its own breaker settings (keyword-only)."""
+
     name: str
     url: str
     health_path: str = "/health"
     enabled: bool = True
     source: str = "code"  # code | env | database
-    # Per-module breaker settings from the Module row (None = the VX11_CB_* default).
-    failure_threshold: int | None = None
-    recovery_timeout: float | None = None
-    half_open_max_calls: int | None = None
-    success_threshold: int | None = None
-    failure_rate_threshold: float | None = None
-    window_seconds: float | None = None
-    min_calls: int | None = None
 
 
 def env_overrides() -> tuple[dict[str, str], list[str]]:
@@ -81,12 +76,3 @@ def build_modules(rows: list[ModuleInfo]) -> dict[str, ModuleInfo]:
             row, url=url, source="database" if row.url else (base.source if base else "code")
         )
     return table
-
-
-def known_module_names() -> set[str]:
-    """Every module name that exists now (synchronous: admin/API validation only)."""
-    from gateway.models import Module
-
-    names = set(CODE_MODULES) | set(env_overrides()[0])
-    names.update(Module.objects.values_list("name", flat=True))
-    return names

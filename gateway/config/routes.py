@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
-if TYPE_CHECKING:
-    from gateway.models import Route
+from gateway.config.shapes import ROUTE_FIELDS, RouteFields
 
 
 class IntentType(StrEnum):
@@ -22,41 +22,23 @@ class IntentType(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class RouteConfig:
+class RouteConfig(RouteFields):
     """Where an intent goes and how it is treated on the way."""
 
-    module: str
-    endpoint: str
-    method: str = "POST"
-    timeout: float = 30.0
-    description: str = ""
-    auth_required: bool = True
-    priority: str = "other"  # health | analysis | other (backpressure)
-    protected: bool = False  # protected rate limit scope
-    streaming: bool = False  # answer streamed as it arrives
-    context7: bool = False  # Context-7 session enrichment
-    retry_post: bool = False  # POST retried with Idempotency-Key
     intent: str = ""
     enabled: bool = True
     source: str = "code"  # code | database
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "intent": self.intent,
-            "module": self.module,
-            "endpoint": self.endpoint,
-            "method": self.method,
-            "timeout": self.timeout,
-            "description": self.description,
-            "auth_required": self.auth_required,
-            "priority": self.priority,
-            "protected": self.protected,
-            "streaming": self.streaming,
-            "context7": self.context7,
-            "retry_post": self.retry_post,
-            "enabled": self.enabled,
-            "source": self.source,
-        }
+        """Every field by name, ``intent`` first (the API's and the admin's entry)."""
+        return {name: getattr(self, name) for name in ROUTE_KEYS}
+
+
+#: The members of an effective route, in the order the API shows them.
+ROUTE_KEYS: tuple[str, ...] = (
+    "intent",
+    *(f.name for f in fields(RouteConfig) if f.name != "intent"),
+)
 
 
 CODE_ROUTES: dict[str, RouteConfig] = {
@@ -122,19 +104,16 @@ CODE_ROUTES: dict[str, RouteConfig] = {
 }
 
 #: The fields a database ``Route`` row may override (admin form and API use the same list).
-OVERRIDABLE = (
-    "module",
-    "endpoint",
-    "method",
-    "timeout",
-    "description",
-    "auth_required",
-    "priority",
-    "protected",
-    "streaming",
-    "context7",
-    "retry_post",
-)
+OVERRIDABLE = ROUTE_FIELDS
+
+
+class RouteRow(Protocol):
+    """A ``gateway.models.Route`` row as the overlay reads it (its fields in ``OVERRIDABLE``)."""
+
+    @property
+    def intent(self) -> str: ...
+    @property
+    def enabled(self) -> bool: ...
 
 
 #: Every printable ASCII character is kept as it is (``%`` too: existing escapes stay).
@@ -148,7 +127,7 @@ def wire_path(endpoint: str) -> str:
     return quote(endpoint, safe=_PRINTABLE_ASCII)
 
 
-def overlay(row: Route) -> RouteConfig:
+def overlay(row: RouteRow) -> RouteConfig:
     """The effective route of one override row: its non-empty fields over the code route."""
     base = CODE_ROUTES.get(row.intent) or RouteConfig(module="", endpoint="", intent=row.intent)
     changes: dict[str, Any] = {}
@@ -161,7 +140,7 @@ def overlay(row: Route) -> RouteConfig:
     return replace(base, **changes, intent=row.intent, enabled=row.enabled, source="database")
 
 
-def build_routes(rows: list[Route]) -> dict[str, RouteConfig]:
+def build_routes(rows: Iterable[RouteRow]) -> dict[str, RouteConfig]:
     table = dict(CODE_ROUTES)
     for row in rows:
         table[row.intent] = overlay(row)

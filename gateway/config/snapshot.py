@@ -77,23 +77,7 @@ class Snapshot:
 
 def load_snapshot(version: int, local: int = 0) -> Snapshot:
     """Read the tables (synchronous; run in a thread from async code)."""
-    rows = [
-        ModuleInfo(
-            m.name,
-            m.url,
-            m.health_path,
-            m.enabled,
-            "database",
-            m.failure_threshold,
-            m.recovery_timeout,
-            m.half_open_max_calls,
-            m.success_threshold,
-            m.failure_rate_threshold,
-            m.window_seconds,
-            m.min_calls,
-        )
-        for m in Module.objects.all()
-    ]
+    rows = [m.info() for m in Module.objects.all()]
     routes = build_routes(list(Route.objects.all()))
     clients = {
         c.token_hash: ClientInfo(c.id, c.name, c.is_admin, c.rate_limit, c.protected_rate_limit)
@@ -141,7 +125,7 @@ class ConfigWatcher:
                 self.poll()
             except Exception:  # never let the watcher die
                 log.exception("configuration watcher failed; retrying")
-            time.sleep(float(gw.route_refresh_seconds))
+            time.sleep(gw.route_refresh_seconds)
 
     def carrier(self) -> str | None:
         if store.shared():
@@ -246,7 +230,7 @@ class SnapshotHolder:
                 if snap is None:
                     raise
                 log.exception("could not reload the configuration; serving the previous one")
-                self._retry_at = self._clock() + float(gw.route_refresh_seconds)
+                self._retry_at = self._clock() + gw.route_refresh_seconds
                 return snap
             self._snapshot = fresh
             return fresh

@@ -36,12 +36,13 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.http.request import validate_host
 
-from gateway.api.breakers import UNKNOWN_HEALTH, health_rows
 from gateway.config.snapshot import holder
+from gateway.core.asgi import header
 from gateway.core.conf import gw
 from gateway.edge import auth
 from gateway.operations import events
 from gateway.operations import registry as services
+from gateway.operations.breakers import UNKNOWN_HEALTH, health_rows
 
 log = logging.getLogger("gateway.console.consumers")
 
@@ -81,22 +82,15 @@ def _staff_user_exists(pk: Any) -> bool:
     return bool(get_user_model().objects.filter(pk=pk, is_active=True, is_staff=True).exists())
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
 def same_origin(scope: dict[str, Any]) -> bool:
     """The browser's ``Origin`` names this site (its Host) or a trusted origin."""
-    origin = _header(scope, b"origin")
+    origin = header(scope, b"origin")
     if not origin:
         return False
     if origin in settings.CSRF_TRUSTED_ORIGINS:
         return True
     parts = urlsplit(origin)
-    host = _header(scope, b"host") or ""
+    host = header(scope, b"host") or ""
     allowed = list(settings.ALLOWED_HOSTS) or ["localhost", "127.0.0.1", "[::1]"]
     return (
         parts.scheme in ("http", "https")
@@ -121,7 +115,7 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     async def _authorise(self) -> int | None:
         """None when the caller may listen, else the close code."""
         token = auth.client_token(
-            _header(self.scope, b"x-vx11-token"), _header(self.scope, b"authorization")
+            header(self.scope, b"x-vx11-token"), header(self.scope, b"authorization")
         )
         if token is not None:
             if not gw.auth_enabled:
@@ -142,7 +136,7 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     async def _still_allowed(self) -> bool:
         """The credential accepted at connect is still good (revoked, deactivated?)."""
         token = auth.client_token(
-            _header(self.scope, b"x-vx11-token"), _header(self.scope, b"authorization")
+            header(self.scope, b"x-vx11-token"), header(self.scope, b"authorization")
         )
         if token is not None:
             if not gw.auth_enabled:

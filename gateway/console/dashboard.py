@@ -19,21 +19,38 @@ from datetime import UTC, datetime
 from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
+from django.contrib import admin
 from django.contrib.admin import AdminSite
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, URLResolver, path, reverse
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
 from gateway.config.snapshot import holder
 from gateway.console.consumers import state_snapshot
 from gateway.console.middleware import problem_response
 from gateway.core.problems import AuthRequired, Forbidden, GatewayError, NotFound
+from gateway.operations import cache
+from gateway.operations import health as healthcheck
+from gateway.operations.breakers import breaker_statuses, health_rows
 
 # --------------------------------------------------------------------------- presentation
 
 BREAKER_TONES = {"closed": "ok", "half_open": "warn", "open": "bad"}
 HEALTH_TONES = {"up": "ok", "down": "bad", "unknown": "idle"}
+
+
+def badge(text: str, tone: str) -> SafeString:
+    """Colour plus text, never colour alone (the admin's lists use it too)."""
+    colours = {"ok": "#1b7f3b", "warn": "#a86400", "bad": "#b3261e", "idle": "#5f6368"}
+    return format_html(
+        '<span style="background:{};color:#fff;padding:1px 7px;border-radius:9px;'
+        'font-size:11px;font-weight:600;white-space:nowrap">{}</span>',
+        colours.get(tone, "#5f6368"),
+        text,
+    )
 
 
 def breaker_label(breaker: dict[str, Any]) -> str:
@@ -115,13 +132,11 @@ async def _refusal(request: HttpRequest) -> HttpResponse | None:
 @require_POST
 async def clear_cache(request: HttpRequest) -> HttpResponse:
     """The "clear cache" button: what ``POST /shub/cache/clear`` does, for a staff session."""
-    from gateway.api import edge
-
     refused = await _refusal(request)
     if refused is not None:
         return refused
     try:
-        deleted = await edge.clear_cache("dashboard")
+        deleted = await cache.clear_cache("dashboard")
     except GatewayError as exc:
         return _problem(request, exc)
     return JsonResponse({"status": "cleared", "keys_deleted": deleted, "timestamp": time.time()})
@@ -130,8 +145,6 @@ async def clear_cache(request: HttpRequest) -> HttpResponse:
 @require_POST
 async def probe(request: HttpRequest, module: str) -> HttpResponse:
     """The "probe now" button: one health probe, stored and announced like the worker's."""
-    from gateway.operations import health as healthcheck
-
     refused = await _refusal(request)
     if refused is not None:
         return refused
@@ -170,11 +183,6 @@ def live_badge_columns() -> list[Callable[[Any], Any]]:
     live (SPEC §6: an open breaker past its timeout reads half-open), the health
     from the last stored probe.
     """
-    from django.contrib import admin
-
-    from gateway.admin import badge
-    from gateway.api.breakers import breaker_statuses, health_rows
-
     breakers = {name: {**s.as_dict(), "forced": s.forced} for name, s in breaker_statuses().items()}
     health = health_rows()
 

@@ -11,8 +11,11 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from gateway.console.middleware import problem_response
-from gateway.core import correlation
+from gateway.core import correlation, metrics
+from gateway.core.conf import gw
 from gateway.core.problems import Forbidden, InternalError, NotFound
+from gateway.edge.headers import client_ip, ip_allowed
+from gateway.operations.gauges import refresh_gauges
 from gateway.state import store
 
 log = logging.getLogger("gateway")
@@ -62,11 +65,6 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 async def metrics_view(request: HttpRequest) -> HttpResponse:
     """``GET /metrics``: Prometheus text, no token (``VX11_METRICS_*`` switch and allow-list)."""
-    from gateway.api.edge import refresh_gauges
-    from gateway.core import metrics
-    from gateway.core.conf import gw
-    from gateway.edge.headers import client_ip, ip_allowed
-
     cid = correlation.current.get()
     if not gw.metrics_enabled:
         return problem_response(NotFound("Metrics are turned off (VX11_METRICS_ENABLED)."), cid)

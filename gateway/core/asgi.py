@@ -14,19 +14,16 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 def header(scope: Scope, name: bytes) -> str | None:
-    """First value of a request header (``name`` lower-case bytes)."""
+    """First value of a request header (``name`` lower-case bytes).
+
+    The one helper for a lookup in an ASGI scope (the WebSocket consumers use it); the
+    proxy path reads every header it needs in one pass instead
+    (``gateway.edge.headers.RequestHead``).
+    """
     for key, value in scope["headers"]:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-def headers_map(scope: Scope) -> dict[bytes, bytes]:
-    """Request headers, lower-case names, first value wins."""
-    out: dict[bytes, bytes] = {}
-    for key, value in scope["headers"]:
-        out.setdefault(key.lower(), value)
-    return out
 
 
 def encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

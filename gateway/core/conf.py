@@ -2,260 +2,240 @@
 
 Like DRF's ``APISettings``: nothing is read at import time; the first access
 reads every knob once, ``reload()`` re-reads them (tests call it after changing
-the environment). Each knob is declared once in ``KNOBS`` with its default and
-meaning; ``docs/CONFIGURATION.md`` is checked against this table by a test, so
-a variable added without documentation fails CI.
+the environment). Each knob is declared once, as a typed attribute of
+:class:`GatewaySettings` with its default and meaning (``gw.retry_max`` is an
+``int`` to mypy and at run time); ``KNOBS`` lists them in declaration order and
+``docs/CONFIGURATION.md`` is checked against it by a test, so a variable added
+without documentation fails CI.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from vx11site.env import env_bool, env_float, env_int, env_list, env_str
+from gateway.core.knobs import Kind as Kind
+from gateway.core.knobs import Knob as Knob
+from gateway.core.knobs import knob
+from vx11site.env import EnvError
 
-Kind = Literal["bool", "int", "float", "str", "list"]
+FailMode = Literal["local", "open", "closed"]
 
-
-@dataclass(frozen=True)
-class Knob:
-    env: str
-    kind: Kind
-    default: Any
-    help: str
-    minimum: float | None = None
-    secret: bool = False
-
-
-KNOBS: tuple[Knob, ...] = (
-    # --- authentication -------------------------------------------------
-    Knob("VX11_TOKEN", "list", [], "Operator tokens (comma-separated), full rights.", secret=True),
-    Knob(
-        "VX11_GATEWAY_TOKEN",
-        "list",
-        [],
-        "Tokens for protected /shub paths (X-VX11-GW-Token); falls back to VX11_TOKEN.",
-        secret=True,
-    ),
-    Knob("VX11_AUTH_ENABLED", "bool", True, "Token checks on; false is for development only."),
-    # --- request handling -----------------------------------------------
-    Knob(
-        "VX11_MAX_BODY_BYTES",
-        "int",
-        10 * 1024 * 1024,
-        "Largest request body accepted (413 above).",
-        minimum=0,
-    ),
-    Knob(
-        "VX11_CLIENT_BODY_TIMEOUT",
-        "float",
-        10.0,
-        "Seconds a request body may make no progress before 408 (the upstream call is cancelled).",
-        minimum=0.01,
-    ),
-    Knob("VX11_TRUSTED_PROXIES", "list", [], "CIDRs whose X-Forwarded-For is trusted."),
-    Knob(
-        "VX11_UPSTREAM_POOL_SIZE", "int", 512, "Upstream connections kept per process.", minimum=1
-    ),
-    Knob(
-        "VX11_ROUTE_REFRESH_SECONDS",
-        "float",
-        0.5,
-        "How often a process checks the configuration version (in Redis, else in the database).",
-        minimum=0.05,
-    ),
-    # --- Context-7 ------------------------------------------------------
-    Knob("VX11_CONTEXT7_ENABLED", "bool", True, "Context-7 sessions on chat-like routes."),
-    Knob(
-        "VX11_CONTEXT7_TTL_SECONDS",
-        "int",
-        3600,
-        "Sliding session TTL from last activity.",
-        minimum=1,
-    ),
-    Knob(
-        "VX11_CONTEXT7_MAX_AGE_SECONDS", "int", 86400, "Absolute session lifetime cap.", minimum=1
-    ),
-    Knob("VX11_CONTEXT7_MAX_MESSAGES", "int", 50, "Messages kept per session.", minimum=1),
-    Knob(
-        "VX11_CONTEXT7_PURGE_INTERVAL",
-        "float",
-        300.0,
-        "How often the health-check worker deletes expired sessions (s); 0 turns it off.",
-        minimum=0,
-    ),
-    # --- circuit breaker ------------------------------------------------
-    Knob("VX11_CB_ENABLED", "bool", True, "Per-module circuit breakers."),
-    Knob(
-        "VX11_CB_FAILURE_THRESHOLD",
-        "int",
-        3,
-        "Consecutive failures that open a breaker.",
-        minimum=1,
-    ),
-    Knob("VX11_CB_RECOVERY_TIMEOUT", "float", 60.0, "Seconds open before half-open.", minimum=0),
-    Knob(
-        "VX11_CB_HALF_OPEN_MAX_CALLS", "int", 1, "Concurrent trial calls when half-open.", minimum=1
-    ),
-    Knob("VX11_CB_SUCCESS_THRESHOLD", "int", 1, "Successes in half-open that close it.", minimum=1),
-    # --- retries ----------------------------------------------------------
-    Knob(
-        "VX11_RETRY_MAX", "int", 3, "Retries after the first attempt (idempotent calls).", minimum=0
-    ),
-    Knob(
-        "VX11_RETRY_BUDGET_RATIO",
-        "float",
-        0.2,
-        "Retries allowed as a share of recent requests.",
-        minimum=0,
-    ),
-    Knob(
-        "VX11_RETRY_BUDGET_MIN", "int", 3, "Retries always allowed in flight per module.", minimum=0
-    ),
-    # --- rate limits ------------------------------------------------------
-    Knob("VX11_RATE_LIMIT_ENABLED", "bool", True, "Rate limiting on."),
-    Knob("VX11_RATE_LIMIT_ENFORCE", "bool", True, "false: shadow mode (count, do not refuse)."),
-    Knob("VX11_RATE_LIMIT_TOKEN", "int", 1000, "Requests per window per client token.", minimum=1),
-    Knob("VX11_RATE_LIMIT_IP", "int", 5000, "Requests per window per client IP.", minimum=1),
-    Knob(
-        "VX11_RATE_LIMIT_PROTECTED",
-        "int",
-        100,
-        "Requests per window per client on protected routes and /shub paths.",
-        minimum=1,
-    ),
-    Knob("VX11_RATE_LIMIT_WINDOW", "int", 60, "Window length in seconds.", minimum=1),
-    Knob("VX11_RATE_LIMIT_FAIL_MODE", "str", "local", "Store failure: local, open or closed."),
-    Knob(
-        "VX11_STORE_TIMEOUT",
-        "float",
-        0.05,
-        "Timeout (s) of one shared-store call on the request path.",
-        minimum=0.001,
-    ),
-    # --- /shub and cache ----------------------------------------------------
-    Knob("VX11_SHUB_STRIP_PREFIX", "bool", True, "Strip /shub before forwarding."),
-    Knob(
-        "VX11_SHUB_PUBLIC_PATHS",
-        "list",
-        ["/shub/health", "/shub/ready", "/shub/openapi.json"],
-        "/shub paths that need no token.",
-    ),
-    Knob("VX11_SHUB_TIMEOUT", "float", 30.0, "Timeout (s) of a /shub call.", minimum=0.1),
-    Knob("VX11_CACHE_ENABLED", "bool", True, "Cache GET /shub/health and /shub/ready."),
-    Knob("VX11_CACHE_TTL_HEALTH", "int", 60, "Seconds a health answer is cached.", minimum=1),
-    # --- backpressure -------------------------------------------------------
-    Knob("VX11_MAX_INFLIGHT", "int", 256, "Upstream calls in flight per process.", minimum=1),
-    Knob("VX11_QUEUE_MAX", "int", 1000, "Waiters queued per process before shedding.", minimum=0),
-    Knob(
-        "VX11_MAX_CONNECTIONS",
-        "int",
-        10000,
-        "Client connections (HTTP and WebSocket) per worker; a new one past it gets 503.",
-        minimum=1,
-    ),
-    Knob(
-        "VX11_CLIENT_HEADER_TIMEOUT",
-        "float",
-        10.0,
-        "Seconds from a request head's first byte to its end before the connection is closed.",
-        minimum=0.1,
-    ),
-    # --- health checks ------------------------------------------------------
-    Knob("VX11_HEALTH_INTERVAL", "float", 5.0, "Probe interval while healthy (s).", minimum=0.1),
-    Knob(
-        "VX11_HEALTH_INCIDENT_INTERVAL",
-        "float",
-        1.0,
-        "Probe interval during an incident (s).",
-        minimum=0.1,
-    ),
-    Knob(
-        "VX11_HEALTH_MAX_BACKOFF",
-        "float",
-        60.0,
-        "Longest probe interval while down (s).",
-        minimum=0.1,
-    ),
-    Knob("VX11_HEALTH_TIMEOUT", "float", 2.0, "Timeout of one probe (s).", minimum=0.1),
-    # --- metrics ------------------------------------------------------------
-    Knob("VX11_METRICS_ENABLED", "bool", True, "Serve /metrics."),
-    Knob("VX11_METRICS_ALLOWED_IPS", "list", [], "CIDRs allowed to scrape /metrics (empty: all)."),
-    # --- storage / process --------------------------------------------------
-    Knob("VX11_REDIS_URL", "str", "", "Redis for shared state, cache and channel layer."),
-    Knob(
-        "VX11_WORKERS",
-        "int",
-        1,
-        "Worker processes behind this configuration (checks warn "
-        "when several share in-process state).",
-        minimum=1,
-    ),
-    Knob("VX11_PORT", "int", 8000, "Port of the development run (`./run dev`).", minimum=1),
-    Knob("VX11_ACCESS_LOG", "bool", False, "One JSON log line per proxied request."),
-)
+#: shub's own health answers: "health" priority, and shared by the response cache.
+SHUB_HEALTH_PATHS = frozenset({"/shub/health", "/shub/ready"})
+#: The /shub paths that need no token unless ``VX11_SHUB_PUBLIC_PATHS`` says otherwise.
+SHUB_PUBLIC_PATHS = (*sorted(SHUB_HEALTH_PATHS), "/shub/openapi.json")
+#: The /shub paths a metric names (any other is counted as "other").
+SHUB_METRIC_PATHS = frozenset({*SHUB_PUBLIC_PATHS, "/shub/cache/clear"})
 
 
-def _read(knob: Knob) -> Any:
-    match knob.kind:
-        case "bool":
-            return env_bool(knob.env, knob.default)
-        case "int":
-            return env_int(
-                knob.env, knob.default, minimum=None if knob.minimum is None else int(knob.minimum)
-            )
-        case "float":
-            return env_float(knob.env, knob.default, minimum=knob.minimum)
-        case "list":
-            return env_list(knob.env, knob.default)
-        case _:
-            return env_str(knob.env, knob.default)
-
-
-def _attr(env: str) -> str:
-    return env.removeprefix("VX11_").lower()
+def _fail_mode(value: str) -> FailMode:
+    mode = value.lower()
+    if mode not in ("local", "open", "closed"):
+        raise EnvError(f"VX11_RATE_LIMIT_FAIL_MODE must be local, open or closed, got {mode!r}")
+    return cast("FailMode", mode)
 
 
 class GatewaySettings:
     """Attribute access to every knob: ``gw.rate_limit_token``, ``gw.cb_enabled`` …"""
 
+    # --- authentication -------------------------------------------------
+    token = knob("VX11_TOKEN", [], "Operator tokens (comma-separated), full rights.", secret=True)
+    gateway_token = knob(
+        "VX11_GATEWAY_TOKEN",
+        [],
+        "Tokens for protected /shub paths (X-VX11-GW-Token); falls back to VX11_TOKEN.",
+        secret=True,
+    )
+    auth_enabled = knob(
+        "VX11_AUTH_ENABLED", True, "Token checks on; false is for development only."
+    )
+    # --- request handling -----------------------------------------------
+    max_body_bytes = knob(
+        "VX11_MAX_BODY_BYTES",
+        10 * 1024 * 1024,
+        "Largest request body accepted (413 above).",
+        minimum=0,
+    )
+    client_body_timeout = knob(
+        "VX11_CLIENT_BODY_TIMEOUT",
+        10.0,
+        "Seconds a request body may make no progress before 408 (the upstream call is cancelled).",
+        minimum=0.01,
+    )
+    trusted_proxies = knob("VX11_TRUSTED_PROXIES", [], "CIDRs whose X-Forwarded-For is trusted.")
+    upstream_pool_size = knob(
+        "VX11_UPSTREAM_POOL_SIZE", 512, "Upstream connections kept per process.", minimum=1
+    )
+    route_refresh_seconds = knob(
+        "VX11_ROUTE_REFRESH_SECONDS",
+        0.5,
+        "How often a process checks the configuration version (in Redis, else in the database).",
+        minimum=0.05,
+    )
+    # --- Context-7 ------------------------------------------------------
+    context7_enabled = knob(
+        "VX11_CONTEXT7_ENABLED", True, "Context-7 sessions on chat-like routes."
+    )
+    context7_ttl_seconds = knob(
+        "VX11_CONTEXT7_TTL_SECONDS", 3600, "Sliding session TTL from last activity.", minimum=1
+    )
+    context7_max_age_seconds = knob(
+        "VX11_CONTEXT7_MAX_AGE_SECONDS", 86400, "Absolute session lifetime cap.", minimum=1
+    )
+    context7_max_messages = knob(
+        "VX11_CONTEXT7_MAX_MESSAGES", 50, "Messages kept per session.", minimum=1
+    )
+    context7_purge_interval = knob(
+        "VX11_CONTEXT7_PURGE_INTERVAL",
+        300.0,
+        "How often the health-check worker deletes expired sessions (s); 0 turns it off.",
+        minimum=0,
+    )
+    # --- circuit breaker ------------------------------------------------
+    cb_enabled = knob("VX11_CB_ENABLED", True, "Per-module circuit breakers.")
+    cb_failure_threshold = knob(
+        "VX11_CB_FAILURE_THRESHOLD", 3, "Consecutive failures that open a breaker.", minimum=1
+    )
+    cb_recovery_timeout = knob(
+        "VX11_CB_RECOVERY_TIMEOUT", 60.0, "Seconds open before half-open.", minimum=0
+    )
+    cb_half_open_max_calls = knob(
+        "VX11_CB_HALF_OPEN_MAX_CALLS", 1, "Concurrent trial calls when half-open.", minimum=1
+    )
+    cb_success_threshold = knob(
+        "VX11_CB_SUCCESS_THRESHOLD", 1, "Successes in half-open that close it.", minimum=1
+    )
+    # --- retries ----------------------------------------------------------
+    retry_max = knob(
+        "VX11_RETRY_MAX", 3, "Retries after the first attempt (idempotent calls).", minimum=0
+    )
+    retry_budget_ratio = knob(
+        "VX11_RETRY_BUDGET_RATIO", 0.2, "Retries allowed as a share of recent requests.", minimum=0
+    )
+    retry_budget_min = knob(
+        "VX11_RETRY_BUDGET_MIN", 3, "Retries always allowed in flight per module.", minimum=0
+    )
+    # --- rate limits ------------------------------------------------------
+    rate_limit_enabled = knob("VX11_RATE_LIMIT_ENABLED", True, "Rate limiting on.")
+    rate_limit_enforce = knob(
+        "VX11_RATE_LIMIT_ENFORCE", True, "false: shadow mode (count, do not refuse)."
+    )
+    rate_limit_token = knob(
+        "VX11_RATE_LIMIT_TOKEN", 1000, "Requests per window per client token.", minimum=1
+    )
+    rate_limit_ip = knob(
+        "VX11_RATE_LIMIT_IP", 5000, "Requests per window per client IP.", minimum=1
+    )
+    rate_limit_protected = knob(
+        "VX11_RATE_LIMIT_PROTECTED",
+        100,
+        "Requests per window per client on protected routes and /shub paths.",
+        minimum=1,
+    )
+    rate_limit_window = knob("VX11_RATE_LIMIT_WINDOW", 60, "Window length in seconds.", minimum=1)
+    rate_limit_fail_mode = knob(
+        "VX11_RATE_LIMIT_FAIL_MODE",
+        "local",
+        "Store failure: local, open or closed.",
+        convert=_fail_mode,
+    )
+    store_timeout = knob(
+        "VX11_STORE_TIMEOUT",
+        0.05,
+        "Timeout (s) of one shared-store call on the request path.",
+        minimum=0.001,
+    )
+    # --- /shub and cache ----------------------------------------------------
+    shub_strip_prefix = knob("VX11_SHUB_STRIP_PREFIX", True, "Strip /shub before forwarding.")
+    shub_public_paths = knob(
+        "VX11_SHUB_PUBLIC_PATHS",
+        list(SHUB_PUBLIC_PATHS),
+        "/shub paths that need no token.",
+        convert=frozenset,
+    )
+    shub_timeout = knob("VX11_SHUB_TIMEOUT", 30.0, "Timeout (s) of a /shub call.", minimum=0.1)
+    cache_enabled = knob("VX11_CACHE_ENABLED", True, "Cache GET /shub/health and /shub/ready.")
+    cache_ttl_health = knob(
+        "VX11_CACHE_TTL_HEALTH", 60, "Seconds a health answer is cached.", minimum=1
+    )
+    # --- backpressure -------------------------------------------------------
+    max_inflight = knob(
+        "VX11_MAX_INFLIGHT", 256, "Upstream calls in flight per process.", minimum=1
+    )
+    queue_max = knob(
+        "VX11_QUEUE_MAX", 1000, "Waiters queued per process before shedding.", minimum=0
+    )
+    max_connections = knob(
+        "VX11_MAX_CONNECTIONS",
+        10000,
+        "Client connections (HTTP and WebSocket) per worker; a new one past it gets 503.",
+        minimum=1,
+    )
+    client_header_timeout = knob(
+        "VX11_CLIENT_HEADER_TIMEOUT",
+        10.0,
+        "Seconds from a request head's first byte to its end before the connection is closed.",
+        minimum=0.1,
+    )
+    # --- health checks ------------------------------------------------------
+    health_interval = knob(
+        "VX11_HEALTH_INTERVAL", 5.0, "Probe interval while healthy (s).", minimum=0.1
+    )
+    health_incident_interval = knob(
+        "VX11_HEALTH_INCIDENT_INTERVAL", 1.0, "Probe interval during an incident (s).", minimum=0.1
+    )
+    health_max_backoff = knob(
+        "VX11_HEALTH_MAX_BACKOFF", 60.0, "Longest probe interval while down (s).", minimum=0.1
+    )
+    health_timeout = knob("VX11_HEALTH_TIMEOUT", 2.0, "Timeout of one probe (s).", minimum=0.1)
+    # --- metrics ------------------------------------------------------------
+    metrics_enabled = knob("VX11_METRICS_ENABLED", True, "Serve /metrics.")
+    metrics_allowed_ips = knob(
+        "VX11_METRICS_ALLOWED_IPS", [], "CIDRs allowed to scrape /metrics (empty: all)."
+    )
+    # --- storage / process --------------------------------------------------
+    redis_url = knob("VX11_REDIS_URL", "", "Redis for shared state, cache and channel layer.")
+    workers = knob(
+        "VX11_WORKERS",
+        1,
+        "Worker processes behind this configuration (checks warn "
+        "when several share in-process state).",
+        minimum=1,
+    )
+    port = knob("VX11_PORT", 8000, "Port of the development run (`./run dev`).", minimum=1)
+    access_log = knob("VX11_ACCESS_LOG", False, "One JSON log line per proxied request.")
+
     def __init__(self) -> None:
-        self._values: dict[str, Any] | None = None
         self._lock = threading.Lock()
+        self._values: dict[str, Any] | None = None
         #: Bumped by every reload, so objects built from the knobs know to rebuild.
         self.generation = 0
 
-    def _load(self) -> dict[str, Any]:
-        values = {_attr(k.env): _read(k) for k in KNOBS}
-        if not values["gateway_token"]:
-            values["gateway_token"] = list(values["token"])
-        mode = str(values["rate_limit_fail_mode"]).lower()
-        if mode not in {"local", "open", "closed"}:
-            from vx11site.env import EnvError
-
-            raise EnvError(f"VX11_RATE_LIMIT_FAIL_MODE must be local, open or closed, got {mode!r}")
-        values["rate_limit_fail_mode"] = mode
-        values["shub_public_paths"] = frozenset(values["shub_public_paths"])
-        return values
-
-    def __getattr__(self, name: str) -> Any:
-        values = self._values
-        if values is None:
-            with self._lock:
-                if self._values is None:
-                    self._values = self._load()
-                values = self._values
-        try:
-            return values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def values(self) -> dict[str, Any]:
+        """Every knob's value by attribute name (read from the environment once)."""
+        with self._lock:
+            values = self._values
+            if values is None:
+                values = {k.name: k.read() for k in KNOBS}
+                if not values["gateway_token"]:
+                    values["gateway_token"] = list(values["token"])
+                self._values = values
+                self.__dict__.update(values)  # shadows the descriptors: plain lookups
+            return values
 
     def reload(self) -> None:
         with self._lock:
+            for name in self._values or ():
+                self.__dict__.pop(name, None)
             self._values = None
             self.generation += 1
 
+
+#: Every knob, in declaration order.
+KNOBS: tuple[Knob[Any], ...] = tuple(
+    v for v in vars(GatewaySettings).values() if isinstance(v, Knob)
+)
 
 gw = GatewaySettings()
 
@@ -263,17 +243,17 @@ gw = GatewaySettings()
 def knob_table() -> str:
     """The ``VX11_*`` table (README.md between its ``knobs`` markers, and CONFIGURATION.md)."""
 
-    def show(knob: Knob) -> str:
-        if knob.kind == "list":
-            return ", ".join(knob.default) if knob.default else "(empty)"
-        if knob.kind == "bool":
-            return "true" if knob.default else "false"
-        return str(knob.default) if knob.default != "" else "(empty)"
+    def show(item: Knob[Any]) -> str:
+        if item.kind == "list":
+            return ", ".join(item.default) if item.default else "(empty)"
+        if item.kind == "bool":
+            return "true" if item.default else "false"
+        return str(item.default) if item.default != "" else "(empty)"
 
     lines = ["| variable | default | meaning |", "|---|---|---|"]
-    for knob in KNOBS:
-        secret = " Secret: `NAME_FILE` reads it from a file." if knob.secret else ""
-        lines.append(f"| `{knob.env}` | {show(knob)} | {knob.help}{secret} |")
+    for item in KNOBS:
+        secret = " Secret: `NAME_FILE` reads it from a file." if item.secret else ""
+        lines.append(f"| `{item.env}` | {show(item)} | {item.help}{secret} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,15 +19,59 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.core.asgi import Receive, Send
+from gateway.core.asgi import Message, Receive, Send
 from gateway.core.problems import GatewayError
-from gateway.edge.proxy import Call, response_headers
+from gateway.edge.call import Call
+from gateway.edge.headers import edge
 from gateway.operations import registry as services
 from gateway.policies.breaker import CLOSED, Permit
-from gateway.upstream.client import UpstreamResponse
+from gateway.upstream import UpstreamResponse, hop
 
 #: Sized answers up to this many bytes are read whole and written in one message.
 SMALL_ANSWER = 64 * 1024
+_BODYLESS = (204, 304)  # statuses that never carry Content-Length downstream
+
+
+class Downstream:
+    """The client's side of the exchange: every ASGI message to it goes through here.
+
+    Remembers the status sent (``0``: nothing yet, so a problem may still be answered)
+    and keeps ``Content-Length`` off a 204 or 304.
+    """
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 0
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status = self.status = message["status"]
+            if status in _BODYLESS:
+                # RFC 9110 §8.6: a 204 never has Content-Length, a 304's describes the
+                # representation; the ASGI server would expect that many body bytes
+                # (uvicorn raises and resets the kept-alive client connection).
+                message["headers"] = [
+                    (k, v) for k, v in message.get("headers", ()) if k.lower() != b"content-length"
+                ]
+        await self.send(message)
+
+
+def response_headers(
+    call: Call, upstream_headers: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """The module's headers as the client gets them (``gateway.upstream.hop.answer_headers``:
+    hop-by-hop and the gateway's own taken out), then the gateway's values."""
+    out = hop.answer_headers(upstream_headers, edge().cookie_names)
+    out.append((b"x-correlation-id", call.request.cid.encode()))
+    if call.route is not None:
+        out.append((b"x-vx11-intent", call.route.intent.encode()))
+    out.append((b"x-vx11-module", call.module.name.encode()))
+    if call.attempts:
+        out.append((b"x-vx11-attempts", str(call.attempts).encode()))
+    out.extend(call.response_headers)
+    return out
 
 
 async def settle(
@@ -120,6 +164,21 @@ class ClientWatch:
         self.watcher.cancel()
 
 
+def _watch(
+    call: Call, response: UpstreamResponse, receive: Receive | None, streaming: bool
+) -> ClientWatch | None:
+    """A watch over the client for answers that may run long (a task per request costs
+    CPU): streaming routes and answers of unknown length (chunked, SSE). A sized answer is
+    written out at once and uvicorn drops what a gone client no longer reads."""
+    if (
+        receive is not None
+        and call.body_complete
+        and (streaming or response.header("Content-Length") is None)
+    ):
+        return ClientWatch(receive)
+    return None
+
+
 async def stream_response(
     call: Call,
     response: UpstreamResponse,
@@ -132,47 +191,23 @@ async def stream_response(
 
     A body that breaks off mid-stream is a failure for the breaker and the exception
     propagates: no final chunk is written, so the client sees an aborted body, never a
-    complete one. A client that leaves gives the permit back without an outcome.
-    """
-    # Only answers that may run long are watched (a task per request costs CPU): streaming
-    # routes and answers of unknown length (chunked, SSE). A sized answer is written out at
-    # once and uvicorn drops what a gone client no longer reads.
-    watch = (
-        ClientWatch(receive)
-        if receive is not None
-        and call.body_complete
-        and (
-            (call.route is not None and call.route.streaming)
-            or response.header("Content-Length") is None
-        )
-        else None
-    )
-    if watch is None and not (call.route is not None and call.route.streaming):
+    complete one. A client that leaves gives the permit back without an outcome."""
+    streaming = call.route is not None and call.route.streaming
+    watch = _watch(call, response, receive, streaming)
+    if watch is None and not streaming:
         size = response.content_length()
         if size is not None and size <= SMALL_ANSWER:
             await send_small(call, response, send, svc, permit)
             return
     settled = False
     if permit.probe_id is not None:
-        # A half-open probe's lease (30 s) must not last as long as the stream (minutes
-        # for a model's answer, or as long as a slow reader likes): the probe's outcome is
-        # its head's status, and a later break of the body counts as a plain failure.
+        # A half-open probe's lease (30 s) must not last as long as the stream (minutes, or
+        # as long as a slow reader likes): its outcome is its head's status.
         await settle(call, svc, response, permit, False)
         permit, settled = _SETTLED_AT_HEAD, True
     finished = False
     try:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": response_headers(call, response.headers),
-            }
-        )
-        async for chunk in response.iter_chunks():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        if watch is not None:
-            watch.done = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await _write_stream(call, response, send, watch)
         finished = True
         response.release()
     except GatewayError:  # the module's body broke off (iter_chunks)
@@ -204,6 +239,24 @@ async def stream_response(
             response.close()  # closes the module's connection: its request is cancelled
     if not settled:
         await settle(call, svc, response, permit, False)
+
+
+async def _write_stream(
+    call: Call, response: UpstreamResponse, send: Send, watch: ClientWatch | None
+) -> None:
+    """The head, every chunk as it comes, and the last (empty) chunk."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": response_headers(call, response.headers),
+        }
+    )
+    async for chunk in response.iter_chunks():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    if watch is not None:
+        watch.done = True
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def send_small(

@@ -10,12 +10,12 @@ finding a token whose digest shares a prefix is a preimage search).
 from __future__ import annotations
 
 import functools
-import hashlib
 import hmac
 from dataclasses import dataclass
 
 from gateway.config.snapshot import Snapshot
 from gateway.core.conf import gw
+from gateway.core.tokens import hash_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +36,18 @@ ANONYMOUS = Principal("anonymous", "anonymous", "anonymous", False)
 AUTH_DISABLED = Principal("operator", "auth-disabled", "auth disabled", True)
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-
-
 @functools.lru_cache(maxsize=64)
-def _digests(candidates: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
+def _digests(candidates: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """The configured tokens' digests, computed once per configuration."""
-    return tuple((candidate, _digest(candidate)) for candidate in candidates)
+    return tuple((candidate, hash_token(candidate)) for candidate in candidates)
 
 
-def _match_any(token: str, candidates: list[str]) -> str | None:
-    """Compare against every candidate (no early exit); return the matching one."""
-    digest = _digest(token)
+def _match_any(token: str, candidates: list[str], digest: str | None = None) -> str | None:
+    """Compare against every candidate (no early exit); return the matching one.
+
+    ``digest``: ``hash_token(token)``, when the caller has it already."""
+    if digest is None:
+        digest = hash_token(token)
     found: str | None = None
     for candidate, candidate_digest in _digests(tuple(candidates)):
         if hmac.compare_digest(digest, candidate_digest):
@@ -75,19 +74,16 @@ def client_token(x_vx11_token: str | None, authorization: str | None) -> str | N
 @functools.lru_cache(maxsize=64)
 def _operator(token: str) -> Principal:
     """The principal of a configured operator token (named by a hash, never the token)."""
-    return Principal(
-        "operator", "op:" + hashlib.sha256(token.encode()).hexdigest()[:16], "operator", True
-    )
+    return Principal("operator", "op:" + hash_token(token)[:16], "operator", True)
 
 
 def authenticate(token: str, snapshot: Snapshot) -> Principal | None:
     """The principal for a token, or None when it is not valid."""
-    operator = _match_any(token, list(gw.token))
+    digest = hash_token(token)
+    operator = _match_any(token, list(gw.token), digest)
     if operator is not None:
         return _operator(operator)
-    info = snapshot.clients.get(
-        hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
-    )
+    info = snapshot.clients.get(digest)
     if info is None:
         return None
     return Principal(

@@ -12,7 +12,7 @@ operations) and one sweep per event loop, armed only while someone waits, cancel
 readers whose time has passed. The price is precision: a timeout fires between its
 deadline and one sweep interval (a tenth of the timeout, at most 1 s) later.
 
-One reader, ``gateway.edge.proxy._receive``, uses it for every body message: it puts
+One reader, ``gateway.edge.body._receive``, uses it for every body message: it puts
 ``task -> deadline`` in ``waiting``, arms the sweep if needed, and on cancellation asks
 ``expired(task)`` whether the sweep cancelled it (then the 408 problem is raised).
 

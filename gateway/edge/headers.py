@@ -1,10 +1,11 @@
-"""Header rules for proxied traffic: hop-by-hop, gateway credentials, X-Forwarded-*, Host.
+"""Request headers for proxied traffic: the one pass, Django's settings, X-Forwarded-*, Host.
 
 The proxy path bypasses Django's middleware, so what ``SecurityMiddleware``,
 ``CommonMiddleware`` (``ALLOWED_HOSTS``) and the session machinery would do is done
 here, in the passes the proxy already makes over the headers: :class:`RequestHead`
-reads every request header the proxy needs in one pass, ``Call.upstream_headers``
-and ``proxy.response_headers`` filter in one pass each.
+reads every request header the proxy needs in one pass; the hop-by-hop rules of both
+directions (``gateway.upstream.hop``) filter in one pass each, with the settings read
+here (:class:`EdgeSettings`).
 """
 
 from __future__ import annotations
@@ -17,59 +18,11 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.http.request import split_domain_port, validate_host
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-    }
-)
-# Never forwarded upstream: gateway credentials, and headers the gateway sets itself.
-# (``Cookie`` goes upstream without the gateway's own cookies: ``strip_gateway_cookies``.)
-DROP_UPSTREAM = HOP_BY_HOP | frozenset(
-    {
-        b"host",
-        b"x-vx11-token",
-        b"x-vx11-gw-token",
-        b"x-correlation-id",
-        b"x-request-id",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-forwarded-by",
-        b"forwarded",
-        b"traceparent",
-        b"tracestate",
-        b"expect",
-    }
-)
-# Not passed back to the client from the upstream answer: hop-by-hop, and headers whose
-# only valid values are the gateway's own (an upstream copy would be a second value).
-DROP_DOWNSTREAM = HOP_BY_HOP | frozenset({b"server", b"date", b"x-correlation-id"})
-#: Upstream answer headers starting with one of these are the gateway's (``X-VX11-*``,
-#: ``RateLimit``/``RateLimit-Policy`` and any ``ratelimit*``, ``X-RateLimit-*``).
-#: ``Retry-After`` is the module's and passes.
-OWNED_PREFIXES = (b"x-vx11-", b"ratelimit", b"x-ratelimit-")
-
-
-def listed_names(connection_values: list[bytes]) -> frozenset[bytes]:
-    """Header names named by the values of the ``Connection`` header lines."""
-    named: set[bytes] = set()
-    for value in connection_values:
-        named.update(part.strip().lower() for part in value.split(b",") if part.strip())
-    return frozenset(named)
-
+from gateway.upstream.hop import DROP_UPSTREAM, NOTHING, listed_names
 
 # --------------------------------------------------------------------------- one pass
 
-_CID, _RID, _TOKEN, _AUTH, _GW, _XFF, _XFP, _HOST, _CONN, _LENGTH = range(10)
+_CID, _RID, _TOKEN, _AUTH, _GW, _XFF, _XFP, _HOST, _CONN, _LENGTH, _TE, _IDEM, _SESSION = range(13)
 _WANTED: dict[bytes, int] = {
     b"x-correlation-id": _CID,
     b"x-request-id": _RID,
@@ -81,6 +34,9 @@ _WANTED: dict[bytes, int] = {
     b"host": _HOST,
     b"connection": _CONN,
     b"content-length": _LENGTH,
+    b"transfer-encoding": _TE,
+    b"idempotency-key": _IDEM,
+    b"x-vx11-session": _SESSION,
 }
 
 
@@ -89,11 +45,13 @@ class RequestHead:
 
     Single-valued headers keep their first line (as a lookup would); ``X-Forwarded-For``,
     ``X-Forwarded-Proto`` and ``Connection`` keep every line (RFC 9110 §5.3: several
-    lines are one comma-separated list); ``Host`` lines are counted.
+    lines are one comma-separated list); ``Host`` lines are counted; of
+    ``Transfer-Encoding`` only its presence counts (a body of unknown size follows).
     """
 
     __slots__ = (
         "authorization",
+        "chunked",
         "connection",
         "content_length",
         "correlation_id",
@@ -102,7 +60,9 @@ class RequestHead:
         "gw_token",
         "host",
         "hosts",
+        "idempotency_key",
         "request_id",
+        "session",
         "token",
     )
 
@@ -118,20 +78,35 @@ class RequestHead:
         self.forwarded_for: list[bytes] | None = None
         self.forwarded_proto: list[bytes] | None = None
         self.connection: list[bytes] | None = None
+        self.chunked = False
+        self.idempotency_key: str | None = None
+        self.session: str | None = None
+        self._read(headers)
+
+    def _read(self, headers: list[tuple[bytes, bytes]]) -> None:
         wanted = _WANTED.get
         for name, value in headers:  # ASGI header names are lowercase
             which = wanted(name)
             if which is None:
                 continue
-            if which == _XFF:
+            if which == _HOST:
+                self.hosts += 1
+                if self.host is None:
+                    self.host = value.decode("latin-1")
+            elif which == _LENGTH:
+                if self.content_length is None:
+                    self.content_length = value.decode("latin-1")
+            elif which == _TOKEN:
+                if self.token is None:
+                    self.token = value.decode("latin-1")
+            elif which == _AUTH:
+                if self.authorization is None:
+                    self.authorization = value.decode("latin-1")
+            elif which == _XFF:
                 if self.forwarded_for is None:
                     self.forwarded_for = [value]
                 else:
                     self.forwarded_for.append(value)
-            elif which == _HOST:
-                self.hosts += 1
-                if self.host is None:
-                    self.host = value.decode("latin-1")
             elif which == _CONN:
                 if self.connection is None:
                     self.connection = [value]
@@ -148,21 +123,20 @@ class RequestHead:
             elif which == _RID:
                 if self.request_id is None:
                     self.request_id = value.decode("latin-1")
-            elif which == _TOKEN:
-                if self.token is None:
-                    self.token = value.decode("latin-1")
-            elif which == _AUTH:
-                if self.authorization is None:
-                    self.authorization = value.decode("latin-1")
             elif which == _GW:
                 if self.gw_token is None:
                     self.gw_token = value.decode("latin-1")
-            elif self.content_length is None:  # _LENGTH
-                self.content_length = value.decode("latin-1")
+            elif which == _TE:
+                self.chunked = True
+            elif which == _IDEM:
+                if self.idempotency_key is None:
+                    self.idempotency_key = value.decode("latin-1")
+            elif self.session is None:  # _SESSION
+                self.session = value.decode("latin-1")
 
     def listed(self) -> frozenset[bytes]:
         """Header names the request's ``Connection`` header declares hop-by-hop."""
-        return listed_names(self.connection) if self.connection else _NOTHING
+        return listed_names(self.connection) if self.connection else NOTHING
 
     def forwarded_for_list(self) -> str | None:
         """Every ``X-Forwarded-For`` line as one list, in order."""
@@ -170,9 +144,6 @@ class RequestHead:
         if lines is None:
             return None
         return (lines[0] if len(lines) == 1 else b", ".join(lines)).decode("latin-1")
-
-
-_NOTHING: frozenset[bytes] = frozenset()
 
 
 # --------------------------------------------------------------------------- Django's settings
@@ -239,42 +210,6 @@ def host_allowed(host: str) -> bool:
         seen.clear()
     seen[host] = allowed
     return allowed
-
-
-def strip_gateway_cookies(lines: list[bytes]) -> bytes | None:
-    """The ``Cookie`` lines as one value without the gateway's session and CSRF cookies.
-
-    ``None`` when nothing is left. Names are read as Django reads them
-    (``django.http.cookie.parse_cookie``: the part before the first ``=``, stripped).
-    """
-    names = edge().cookie_names
-    if len(lines) == 1 and not any(name in lines[0] for name in names):
-        return lines[0]  # the common case: no gateway cookie, the line passes unchanged
-    kept = []
-    for line in lines:
-        for piece in line.split(b";"):
-            piece = piece.strip()
-            if not piece:
-                continue
-            if b"=" in piece and piece.split(b"=", 1)[0].strip() in names:
-                continue
-            kept.append(piece)
-    return b"; ".join(kept) if kept else None
-
-
-def sets_gateway_cookie(value: bytes) -> bool:
-    """Whether a ``Set-Cookie`` value would set the gateway's session or CSRF cookie.
-
-    Also a nameless cookie whose value starts with one of those names
-    (``=sessionid=…``): browsers store it (RFC 6265bis) and send it back as
-    ``Cookie: sessionid=…``, which Django would read as the session cookie.
-    """
-    pair = value.split(b";", 1)[0]
-    name, equals, rest = pair.partition(b"=")
-    name = name.strip()
-    if not name and equals:
-        name = rest.partition(b"=")[0].strip()
-    return name in edge().cookie_names
 
 
 # --------------------------------------------------------------------------- X-Forwarded-*

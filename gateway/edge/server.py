@@ -53,7 +53,7 @@ from uvicorn.server import ServerState
 from gateway.core import correlation
 from gateway.core.conf import gw
 from gateway.core.problems import GatewayError, ServiceOverloaded
-from gateway.startup import MAX_HEADER_BYTES, MAX_HEADER_COUNT, HeadersTooLarge
+from gateway.edge.limits import MAX_HEADER_BYTES, MAX_HEADER_COUNT, HeadersTooLarge
 
 log = logging.getLogger("gateway")
 

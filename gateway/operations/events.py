@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
 
 from gateway.core import metrics
+from gateway.models import BreakerState, BreakerTransition
 
 log = logging.getLogger("gateway.operations.events")
 GROUP = "vx11.events"
@@ -33,8 +35,6 @@ def _epoch(value: float | None) -> datetime | None:
 
 def record_transition(event: dict[str, Any]) -> None:
     """Write one transition and the module's breaker snapshot (synchronous)."""
-    from gateway.models import BreakerState, BreakerTransition
-
     at = _epoch(event["at"]) or datetime.now(tz=UTC)
     BreakerTransition.objects.create(
         module=event["module"],
@@ -56,16 +56,12 @@ def record_transition(event: dict[str, Any]) -> None:
 
 
 def _publish_sync(event: dict[str, Any]) -> None:
-    from channels.layers import get_channel_layer
-
     layer = get_channel_layer()
     if layer is not None:
         async_to_sync(layer.group_send)(GROUP, {"type": "gateway.event", "event": event})
 
 
 async def _publish(event: dict[str, Any]) -> None:
-    from channels.layers import get_channel_layer
-
     layer = get_channel_layer()
     if layer is not None:
         await layer.group_send(GROUP, {"type": "gateway.event", "event": event})

@@ -23,8 +23,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
+
+import redis.asyncio as aioredis
 
 from gateway.config.modules import ModuleInfo
 from gateway.config.snapshot import holder, watcher
@@ -56,6 +58,8 @@ from gateway.policies.respcache import (
 )
 from gateway.policies.retry import RetryBudget
 from gateway.state import store
+from gateway.state.loops import PerLoop
+from gateway.state.resp import ScriptRunner
 
 log = logging.getLogger("gateway.operations.registry")
 #: This process, as named in the ``BreakerCommand`` rows it issued (and applied) itself.
@@ -89,24 +93,8 @@ def module_config(info: ModuleInfo | None) -> BreakerConfig:
     cfg = _default_config()
     if info is None:
         return cfg
-    changes = {
-        name: value
-        for name in (
-            "failure_threshold",
-            "recovery_timeout",
-            "half_open_max_calls",
-            "success_threshold",
-            "failure_rate_threshold",
-            "window_seconds",
-            "min_calls",
-        )
-        if (value := getattr(info, name)) is not None
-    }
-    if changes:
-        from dataclasses import replace
-
-        cfg = replace(cfg, **changes)
-    return cfg
+    changes = info.breaker_overrides()
+    return replace(cfg, **changes) if changes else cfg
 
 
 _config_cache: dict[tuple[int, str, int], BreakerConfig] = {}
@@ -138,7 +126,12 @@ class Services:
     admission: Admission
 
 
-_by_loop: dict[int, Services] = {}
+def _current(services: Services) -> bool:
+    return services.generation == gw.generation
+
+
+#: The running loop's services; rebuilt when the settings generation changes.
+_by_loop: PerLoop[Services] = PerLoop(fresh=_current)
 _memory_lock = threading.Lock()
 #: In-memory state shared by every event loop of this process, per settings generation.
 _memory: dict[type[Any], tuple[int, Any]] = {}
@@ -241,14 +234,39 @@ class BreakerCommands:
         apply_breaker_actions(todo)
 
 
-def _breaker(on_transition: Callable[[Transition], None]) -> CircuitBreaker:
+def breaker_backend(
+    client: aioredis.Redis | None, *, scripts: ScriptRunner | None = None, timeout: float
+) -> BreakerBackend:
+    """Where breakers keep state: with ``client``, the shared Redis behind the store guard,
+    falling back to this process's memory; without, this process's memory.
+
+    ``scripts``: where the decision scripts run (default: through ``client``).
+    """
+    if client is None:
+        return memory_breaker_backend()
+    return FallbackBreakerBackend(
+        RedisBreakerBackend(client, scripts=scripts), memory_breaker_backend(), timeout=timeout
+    )
+
+
+def breaker_facade(
+    backend: BreakerBackend,
+    config_for: Callable[[str], BreakerConfig] = breaker_config,
+    *,
+    on_transition: Callable[[Transition], None] = events.breaker_transition,
+) -> CircuitBreaker:
+    """The one way a :class:`CircuitBreaker` is built (proxy, management, commands)."""
     return CircuitBreaker(
-        memory_breaker_backend(),
-        breaker_config,
+        backend,
+        config_for,
         clock=time.time,
         on_transition=on_transition,
         enabled=bool(gw.cb_enabled),
     )
+
+
+def _breaker(on_transition: Callable[[Transition], None]) -> CircuitBreaker:
+    return breaker_facade(memory_breaker_backend(), on_transition=on_transition)
 
 
 async def force_on_loop(actions: list[tuple[str, str]]) -> None:
@@ -281,29 +299,19 @@ watcher.listeners.append(breaker_commands)
 
 
 def build() -> Services:
-    breaker_backend: BreakerBackend
     limiter_backend: RateLimitBackend
     cache_backend: ResponseCache
     timeout = float(gw.store_timeout)
     if store.shared():
         client = store.async_client()
         scripts = store.script_client()
-        breaker_backend = FallbackBreakerBackend(
-            RedisBreakerBackend(client, scripts=scripts), memory_breaker_backend(), timeout=timeout
-        )
+        breaker = breaker_facade(breaker_backend(client, scripts=scripts, timeout=timeout))
         limiter_backend = RedisRateLimitBackend(scripts)
         cache_backend = RedisResponseCache(client)
     else:
-        breaker_backend = memory_breaker_backend()
+        breaker = breaker_facade(breaker_backend(None, timeout=timeout))
         limiter_backend = memory_rate_limit_backend()
         cache_backend = memory_response_cache()
-    breaker = CircuitBreaker(
-        breaker_backend,
-        breaker_config,
-        clock=time.time,
-        on_transition=events.breaker_transition,
-        enabled=bool(gw.cb_enabled),
-    )
     limiter = RateLimiter(
         limiter_backend,
         fail_mode=gw.rate_limit_fail_mode,
@@ -324,12 +332,8 @@ def build() -> Services:
 
 
 def get() -> Services:
-    key = id(asyncio.get_running_loop())
-    services = _by_loop.get(key)
-    if services is None or services.generation != gw.generation:
-        services = build()
-        _by_loop[key] = services
-    return services
+    """The running event loop's policies (built on first use, and after a reload)."""
+    return _by_loop.get(build)
 
 
 def reset() -> None:

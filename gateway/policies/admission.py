@@ -3,10 +3,10 @@
 With shared state in Redis, a proxied request used to make two script calls before going
 upstream: the rate limiter's decision, then the breaker's ``acquire``. Each round trip costs
 CPU in the gateway (encode, a future, a reply to parse, a timeout budget), so when both
-policies keep their state in the same Redis, :class:`Admission` runs one script that holds
-both: the rate-limit decision (exactly the same Lua function as
-``gateway.policies.ratelimit``) and the breaker's read-only ``peek`` (the first part of
-``gateway.policies.breaker``'s acquire).
+policies keep their state in the same store, :class:`Admission` asks the store for both at
+once: the state store's combined admission (``gateway.state.base.AdmissionStore``; in
+Redis ``admit.lua``, made of exactly the rate limiter's Lua function and the breaker's
+read-only ``peek``, the first part of its acquire).
 
 The peek answers the common cases: a closed breaker (the permit for the first attempt) and
 an open breaker before its recovery time (refused). Anything that needs writes — the move
@@ -18,7 +18,7 @@ Everything the two policies guarantee separately still holds: the rate limit is 
 across processes; the breaker state read here is the shared one. If the store fails, the
 rate limiter answers per its ``fail_mode`` and the breaker falls back to in-process state,
 exactly as when called separately; while either is in its retry back-off the two calls are
-made separately (each policy probes the store on its own schedule).
+made separately (each policy probes the store on its own schedule, through its own guard).
 """
 
 from __future__ import annotations
@@ -26,48 +26,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.policies.breaker import (
-    ACQUIRE_FUNCTIONS,
-    CircuitBreaker,
-    FallbackBreakerBackend,
-    Permit,
-    RedisBreakerBackend,
-)
-from gateway.policies.ratelimit import (
-    RATE_LIMIT_FUNCTION,
-    Decision,
-    RateLimiter,
-    RedisRateLimitBackend,
-    Scope,
-    StoreUnavailable,
-)
-from gateway.state.resp import Script
-
-# KEYS: the rate-limit scopes, then the breaker's two keys. ARGV: n (number of scopes),
-# shadow ('1': peek even when refused), the rate-limit arguments, then the peek's two
-# (now, recovery timeout).
-# Reply: {rate-limit reply} when refused, else {rate-limit reply, peek reply or nil}.
-ADMIT = Script(
-    RATE_LIMIT_FUNCTION
-    + ACQUIRE_FUNCTIONS
-    + """
-local n = tonumber(ARGV[1])
-local rl_keys, rl_argv, cb_argv = {}, {}, {}
-for i = 1, n do rl_keys[i] = KEYS[i] end
-local rl_argc = 3 + 3 * n
-for i = 1, rl_argc do rl_argv[i] = ARGV[2 + i] end
-for i = 1, 2 do cb_argv[i] = ARGV[2 + rl_argc + i] end
-local limits = rate_limit(rl_keys, rl_argv)
-if ARGV[2] ~= '1' then
-  for i = 1, n do
-    if limits[3 * i - 2] == 0 then return {limits} end
-  end
-end
-local seen = breaker_peek({KEYS[n + 1], KEYS[n + 2]}, cb_argv)
-if seen then return {limits, seen} end
-return {limits}
-"""
-)
+from gateway.policies.breaker import CircuitBreaker, Permit
+from gateway.policies.ratelimit import Decision, RateLimiter, Scope
+from gateway.state.base import AdmissionStore
+from gateway.state.guard import StoreGuard, StoreUnavailable
+from gateway.state.redis_store import combined
+from gateway.state.scripts import ADMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,20 +45,18 @@ class Admitted:
 class Admission:
     """Decides rate limit and (when it can) the first breaker permit together."""
 
-    def __init__(self, limiter: RateLimiter, breaker: CircuitBreaker) -> None:
+    def __init__(
+        self, limiter: RateLimiter, breaker: CircuitBreaker, store: AdmissionStore | None = None
+    ) -> None:
+        """``store``: the combined operation to use; by default the one the two policies'
+        stores offer together (none when they are not one shared store)."""
         self.limiter = limiter
         self.breaker = breaker
-        limits = limiter.backend
-        shared = breaker.backend
-        cb = shared.primary if isinstance(shared, FallbackBreakerBackend) else None
-        self._combined: tuple[RedisRateLimitBackend, RedisBreakerBackend] | None = None
-        if (
-            isinstance(limits, RedisRateLimitBackend)
-            and isinstance(cb, RedisBreakerBackend)
-            and limits.runner is cb.scripts
-            and breaker.enabled
-        ):
-            self._combined = (limits, cb)
+        self._limits_guard = limiter.guard
+        self._breaker_guard: StoreGuard | None = breaker.guard
+        self._store: AdmissionStore | None = None
+        if breaker.enabled and self._breaker_guard is not None:
+            self._store = store or combined(limiter.backend, breaker.store)
 
     async def admit(self, scopes: Sequence[Scope], module: str | None) -> Admitted:
         """The rate-limit decision for ``scopes``; with ``module``, also peek its breaker.
@@ -102,41 +64,32 @@ class Admission:
         Pass ``module`` only when the request will go upstream next, so that the permit
         is for its first attempt.
         """
-        combined = self._combined
-        shared = self.breaker.backend
+        store = self._store
+        breaker_guard = self._breaker_guard
+        limits_guard = self._limits_guard
         if (
-            combined is None
+            store is None
+            or breaker_guard is None
             or module is None
             or not scopes
-            or self.limiter.guard.degraded
-            or not isinstance(shared, FallbackBreakerBackend)
-            or shared.degraded
+            or limits_guard.degraded
+            or breaker_guard.degraded
         ):
             return Admitted(await self.limiter.check(scopes), None)
-        limits, cb = combined
-        now = self.limiter.now()
-        cb_now = self.breaker.clock()
+        limiter = self.limiter
+        now = limiter.now()
+        breaker_now = self.breaker.clock()
         cfg = self.breaker.config_for(module)
-        rl_keys, rl_args = limits.script_call(scopes, now, 1)
-        cb_keys, cb_args = cb.peek_call(module, cfg, cb_now)
-        shadow = "0" if self.limiter.enforce else "1"
-        keys = rl_keys + cb_keys
-        args = [len(scopes), shadow, *rl_args, *cb_args]
+        shadow = not limiter.enforce
         try:
-            reply = await self.limiter.guard.call(
-                lambda: limits.runner.run_script(ADMIT, keys, args)
+            decision, permit = await limits_guard.call(
+                lambda: store.admit(scopes, now, module, cfg, breaker_now, shadow=shadow)
             )
         except StoreUnavailable as exc:
-            shared.mark_unavailable(exc)
-            decision = await self.limiter.fallback(scopes, now, consume=True)
-            return Admitted(self.limiter.enforced(decision), None)
-        decision = self.limiter.enforced(limits.decision(scopes, now, reply[0]))
-        permit = None
-        if len(reply) > 1:
-            # A peek answers closed or open, never a probe: no probe id to hand out.
-            permit, transition = cb.acquire_reply(reply[1], module, cfg, cb_now, "")
-            self.breaker.emit(transition)  # a peek never moves the breaker: always None
-        return Admitted(decision, permit)
+            breaker_guard.mark_unavailable(exc)
+            decision = await limiter.fallback(scopes, now, consume=True)
+            return Admitted(limiter.enforced(decision), None)
+        return Admitted(limiter.enforced(decision), permit)
 
 
 __all__ = ["ADMIT", "Admission", "Admitted"]

@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 
 import redis.asyncio
 
-from gateway.policies.ratelimit import Clock, StoreGuard, StoreUnavailable
+from gateway.state.guard import Clock, StoreGuard, StoreUnavailable
 
 #: How a get_or_fetch call was answered (maps onto RFC 9211 Cache-Status):
 #: ``hit``: fresh in the cache; ``stored-by-other``: another process held the lock,

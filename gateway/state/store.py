@@ -19,12 +19,13 @@ from redis.exceptions import ResponseError
 
 from gateway.core.conf import gw
 from gateway.core.deadline import answered, default_cap
+from gateway.state.loops import PerLoop
 from gateway.state.resp import PipelinedRedis
 
 log = logging.getLogger("gateway.state.store")
 
-_async_clients: dict[int, aioredis.Redis] = {}
-_script_clients: dict[int, tuple[asyncio.AbstractEventLoop, PipelinedRedis]] = {}
+_async_clients: PerLoop[aioredis.Redis] = PerLoop()
+_script_clients: PerLoop[PipelinedRedis] = PerLoop()
 #: Store commands in flight per event loop. Without a gate, a burst of N concurrent requests
 #: opens N new connections at once (TCP connect and handshake each), the request-path
 #: timeout (``VX11_STORE_TIMEOUT``, 50 ms) expires while they connect, and every process
@@ -68,25 +69,33 @@ def shared() -> bool:
     return bool(gw.redis_url)
 
 
+def _backstop() -> float:
+    # Request-path calls are bounded by gateway.core.deadline.store_call (the store
+    # timeout, not charged for our own loop's stalls); the socket timeouts are only a
+    # backstop and must not cut in first, so they match its wall-time cap.
+    return default_cap(max(float(gw.store_timeout), 0.05))
+
+
+def _new_async_client() -> aioredis.Redis:
+    backstop = _backstop()
+    return _GatedRedis.from_url(
+        redis_url(),
+        socket_timeout=backstop,
+        socket_connect_timeout=backstop,
+        health_check_interval=0,
+        max_connections=256,  # the gate keeps commands to GATE_SIZE; pipelines may add
+        driver_info=None,  # no CLIENT SETINFO round trips on each new connection
+    )
+
+
 def async_client() -> aioredis.Redis:
-    loop = asyncio.get_running_loop()
-    key = id(loop)
-    client = _async_clients.get(key)
-    if client is None:
-        # Request-path calls are bounded by gateway.core.deadline.store_call (the store
-        # timeout, not charged for our own loop's stalls); the socket timeouts are only a
-        # backstop and must not cut in first, so they match its wall-time cap.
-        backstop = default_cap(max(float(gw.store_timeout), 0.05))
-        client = _GatedRedis.from_url(
-            redis_url(),
-            socket_timeout=backstop,
-            socket_connect_timeout=backstop,
-            health_check_interval=0,
-            max_connections=256,  # the gate keeps commands to GATE_SIZE; pipelines may add
-            driver_info=None,  # no CLIENT SETINFO round trips on each new connection
-        )
-        _async_clients[key] = client
-    return client
+    """This event loop's redis-py client (a new loop reusing a dead one's id: a new one)."""
+    return _async_clients.get(_new_async_client)
+
+
+def _new_script_client() -> PipelinedRedis:
+    backstop = _backstop()
+    return PipelinedRedis(redis_url(), connect_timeout=backstop, stale_after=backstop)
 
 
 def script_client() -> PipelinedRedis:
@@ -95,14 +104,7 @@ def script_client() -> PipelinedRedis:
     Rate-limit and breaker decisions run their scripts through it: one connection, every
     call pipelined, ≈ 1/6 of redis-py's CPU per call (``python -m bench.redis_clients``).
     """
-    loop = asyncio.get_running_loop()
-    found = _script_clients.get(id(loop))
-    if found is not None and found[0] is loop:
-        return found[1]
-    backstop = default_cap(max(float(gw.store_timeout), 0.05))
-    client = PipelinedRedis(redis_url(), connect_timeout=backstop, stale_after=backstop)
-    _script_clients[id(loop)] = (loop, client)  # a new loop reusing a dead one's id: new
-    return client
+    return _script_clients.get(_new_script_client)
 
 
 def sync_client() -> redis.Redis:

@@ -8,11 +8,11 @@ head and body in one ``write``, parse the answer with ``httptools`` (llhttp, in 
 parser uvicorn uses), keep connections alive in a per-host pool, stream large answers with
 flow control. ``python -m bench.clients`` measures it against aiohttp and httpx.
 
-What it does, and what it leaves to aiohttp (``gateway.upstream.client`` chooses):
+What it does, and what it leaves to aiohttp (``gateway.upstream.seam`` chooses):
 
 - request bodies given as ``bytes`` (or none). A streamed request body (large, or
   chunked from the client) goes through aiohttp, which streams it with back-pressure;
-- ``http`` and ``https`` (TLS with the system's default verification);
+- ``http`` and ``https`` (TLS verified against the system's trust store: ``gateway.upstream.tls``);
 - answers sized by ``Content-Length``, chunked, or delimited by the connection's close;
   ``1xx`` interim answers skipped; ``204``, ``304`` and answers to ``HEAD`` end with their
   head whatever ``Content-Length`` says (an answer to ``HEAD`` never reuses the
@@ -40,12 +40,13 @@ What it does, and what it leaves to aiohttp (``gateway.upstream.client`` chooses
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import AsyncIterator
 from functools import lru_cache
 from urllib.parse import urlsplit
 
+from gateway.core.conf import gw
+from gateway.upstream import tls
 from gateway.upstream.h1_conn import (
     HIGH_WATER,
     LOW_WATER,
@@ -70,16 +71,6 @@ def origin(base_url: str) -> Origin:
     shown = f"[{host}]" if ":" in host else host
     host_header = shown if port == default else f"{shown}:{port}"
     return Origin(scheme, host, port, parts.path.rstrip("/"), host_header.encode("idna"))
-
-
-_tls: ssl.SSLContext | None = None
-
-
-def _tls_context() -> ssl.SSLContext:
-    global _tls
-    if _tls is None:
-        _tls = ssl.create_default_context()
-    return _tls
 
 
 class Response:
@@ -191,7 +182,7 @@ class Pool:
                     lambda: Connection(loop, key),
                     key.host,
                     key.port,
-                    ssl=_tls_context() if key.scheme == "https" else None,
+                    ssl=tls.client_context() if key.scheme == "https" else None,
                     server_hostname=key.host if key.scheme == "https" else None,
                 )
         except TimeoutError:
@@ -271,12 +262,16 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _pools: dict[int, Pool] = {}
 
 
-def pool(limit: int) -> Pool:
-    """This event loop's pool (a new loop that reuses a dead one's id gets a new pool)."""
+def pool(limit: int | None = None) -> Pool:
+    """This event loop's shared pool (a new loop that reuses a dead one's id gets a new pool).
+
+    ``limit`` applies when the pool is created (default: ``VX11_UPSTREAM_POOL_SIZE``).
+    """
     loop = asyncio.get_running_loop()
     found = _pools.get(id(loop))
     if found is None or found.loop is not loop:
-        found = _pools[id(loop)] = Pool(limit)
+        size = int(gw.upstream_pool_size) if limit is None else limit
+        found = _pools[id(loop)] = Pool(size)
         found.loop = loop
     return found
 

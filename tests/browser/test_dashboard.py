@@ -125,8 +125,8 @@ def test_it_reconnects_and_resynchronises_after_the_server_restarts(
     staff: Any,
     page: Any,
 ) -> None:
-    from gateway.api.breakers import force_breaker
     from gateway.operations import registry as services
+    from gateway.operations.breakers import force_breaker
 
     point_modules_at(gw_env, upstream)
     services.reset()

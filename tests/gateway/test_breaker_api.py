@@ -10,8 +10,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.test import Client
 
-from gateway.api.breakers import breaker_statuses, force_breaker
 from gateway.models import BreakerTransition, Module, ModuleHealth
+from gateway.operations.breakers import breaker_statuses, force_breaker
 from tests.conftest import MODULE_NAMES
 
 BREAKER_FIELDS = {"state", "failure_count", "last_failure", "opened_at", "retry_after"}

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from gateway.api.breakers import force_breaker
 from gateway.operations import registry as services
+from gateway.operations.breakers import force_breaker
 from tests.conftest import MODULE_NAMES
 from tests.servers import free_port
 

@@ -14,8 +14,9 @@ from django.core.management import call_command
 
 from gateway.config.modules import CODE_MODULES, build_modules, env_overrides
 from gateway.config.validation import validate_module_url
+from gateway.core.tokens import hash_token
 from gateway.edge.headers import client_ip
-from gateway.models import ApiClient, Module, hash_token
+from gateway.models import ApiClient, Module
 
 ROOT = Path(__file__).resolve().parents[2]
 

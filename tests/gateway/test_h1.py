@@ -14,9 +14,26 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from gateway import upstream
+from gateway.config.modules import ModuleInfo
 from gateway.core.problems import BadGateway, UpstreamTimeout, UpstreamUnavailable
-from gateway.upstream import client as upstream
-from gateway.upstream import h1
+from gateway.upstream import Body, OutboundRequest, UpstreamResponse, h1
+from gateway.upstream.response import H1UpstreamResponse
+
+
+async def send(
+    method: str,
+    base_url: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    body: Body,
+    timeout: float,
+) -> UpstreamResponse:
+    """One request through the seam (``gateway.upstream.send``) to a module at ``base_url``."""
+    return await upstream.send(
+        ModuleInfo("test", base_url), OutboundRequest(method, target, headers, body, timeout)
+    )
+
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 
@@ -123,7 +140,7 @@ async def fetch(
     headers: list[tuple[str, str]] | None = None,
     timeout: float = 5.0,
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    response = await upstream.send(method, server.url, target, headers or [], body, timeout)
+    response = await send(method, server.url, target, headers or [], body, timeout)
     try:
         data = await response.read(10**8)
     except BaseException:
@@ -175,7 +192,7 @@ async def test_a_module_base_path_prefixes_the_target(
     serve: Callable[..., Awaitable[Server]],
 ) -> None:
     server = await serve(keep_alive())
-    response = await upstream.send("GET", server.url + "/base/", "/x?y=1", [], None, 5.0)
+    response = await send("GET", server.url + "/base/", "/x?y=1", [], None, 5.0)
     await response.read(100)
     response.release()
     assert server.requests[0].startswith(b"GET /base/x?y=1 HTTP/1.1\r\n")
@@ -197,7 +214,7 @@ async def test_a_chunked_answer_is_streamed_and_the_connection_reused(
             writer.write(b"0\r\n\r\n")
 
     server = await serve(handler)
-    response = await upstream.send("GET", server.url, "/s", [], None, 5.0)
+    response = await send("GET", server.url, "/s", [], None, 5.0)
     assert response.content_length() is None
     chunks = [chunk async for chunk in response.iter_chunks()]
     response.release()
@@ -244,7 +261,7 @@ async def test_head_answers_have_no_body_and_do_not_reuse_the_connection(
     serve: Callable[..., Awaitable[Server]],
 ) -> None:
     server = await serve(keep_alive(body=b"x" * 50))
-    response = await upstream.send("HEAD", server.url, "/h", [], None, 5.0)
+    response = await send("HEAD", server.url, "/h", [], None, 5.0)
     assert response.header("content-length") == "50"
     assert response.content_length() == 0
     assert await response.read_sized() == b""
@@ -255,7 +272,7 @@ async def test_head_answers_have_no_body_and_do_not_reuse_the_connection(
 
 async def test_an_answer_cut_short_is_a_502(serve: Callable[..., Awaitable[Server]]) -> None:
     server = await serve(answers_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part"))
-    response = await upstream.send("GET", server.url, "/x", [], None, 5.0)
+    response = await send("GET", server.url, "/x", [], None, 5.0)
     with pytest.raises(BadGateway, match="broke off"):
         await response.read_sized()
     response.close()
@@ -287,7 +304,7 @@ async def test_a_body_that_stalls_times_out_mid_answer(
     serve: Callable[..., Awaitable[Server]],
 ) -> None:
     server = await serve(answers_once(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", hold=5))
-    response = await upstream.send("GET", server.url, "/x", [], None, 0.3)
+    response = await send("GET", server.url, "/x", [], None, 0.3)
     with pytest.raises(UpstreamTimeout, match="did not finish"):
         await response.read_sized()
     response.close()
@@ -309,7 +326,7 @@ async def test_tls_is_verified_for_https_modules(serve: Callable[..., Awaitable[
 
     server = await serve(plain)
     with pytest.raises(UpstreamUnavailable, match="Cannot connect"):
-        await upstream.send("GET", f"https://127.0.0.1:{server.port}", "/x", [], None, 2.0)
+        await send("GET", f"https://127.0.0.1:{server.port}", "/x", [], None, 2.0)
 
 
 async def test_an_idle_connection_the_module_closed_is_not_reused(
@@ -377,9 +394,9 @@ async def test_a_large_answer_pauses_the_module_until_it_is_read(
             await writer.drain()
 
     server = await serve(handler)
-    response = await upstream.send("GET", server.url, "/big", [], None, 10.0)
+    response = await send("GET", server.url, "/big", [], None, 10.0)
     await asyncio.sleep(0.3)  # the module writes as fast as it can; nobody reads
-    assert isinstance(response, upstream.H1UpstreamResponse)
+    assert isinstance(response, H1UpstreamResponse)
     conn = response._response.conn
     assert conn.paused
     assert conn.body_size < h1.HIGH_WATER + 2 * 1024 * 1024  # buffered: bounded, not 8 MiB

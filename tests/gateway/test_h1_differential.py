@@ -184,6 +184,8 @@ async def h1_reads(case: Case) -> tuple[Answer | None, bool]:
     """h1's answer over a real socket (``None``: it refuses) and whether it would pool the
     connection."""
 
+    written = asyncio.Event()
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.readuntil(b"\r\n\r\n")
@@ -193,10 +195,12 @@ async def h1_reads(case: Case) -> tuple[Answer | None, bool]:
                 last = cut
                 await writer.drain()
                 await asyncio.sleep(0.001)
-            await asyncio.sleep(0.005)
+            written.set()
+            await asyncio.sleep(0.02)
         except ConnectionError:
             pass
         finally:
+            written.set()
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
@@ -212,7 +216,11 @@ async def h1_reads(case: Case) -> tuple[Answer | None, bool]:
         except ConnectionError:  # UpstreamProtocolError, UpstreamClosed
             return None, False
         conn = response.conn
-        pooled = conn.complete and conn.error is None and conn.reusable
+        # Judge reuse once every byte the module sends has arrived (bytes that trail the
+        # answer in a later write must spoil the connection too), before the module closes.
+        await written.wait()
+        await asyncio.sleep(0.002)
+        pooled = conn.complete and conn.error is None and conn.reusable and conn.idle_ok()
         response.release()
         return (response.status, response.headers, data), pooled
     finally:

@@ -22,10 +22,26 @@ import httpx
 import pytest
 import uvloop
 
+from gateway import upstream
+from gateway.config.modules import ModuleInfo
 from gateway.core.problems import BadGateway, InvalidRequest
-from gateway.upstream import client as upstream
-from gateway.upstream import h1
+from gateway.upstream import Body, OutboundRequest, UpstreamResponse, h1
 from tests.conftest import OPERATOR_TOKEN, GwEnv, LiveGateway
+
+
+async def send(
+    method: str,
+    base_url: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    body: Body,
+    timeout: float,
+) -> UpstreamResponse:
+    """One request through the seam (``gateway.upstream.send``) to a module at ``base_url``."""
+    return await upstream.send(
+        ModuleInfo("test", base_url), OutboundRequest(method, target, headers, body, timeout)
+    )
+
 
 EVIL = (
     b"HTTP/1.1 302 Found\r\nLocation: https://evil.example/\r\nContent-Length: 4\r\n"
@@ -138,9 +154,9 @@ async def get(
     body: bytes | None = None,
     linger: float = 0.0,
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """One exchange through ``upstream.send``; ``linger``: the caller holds the finished
+    """One exchange through ``send``; ``linger``: the caller holds the finished
     answer that long (writing it out to a slow client) before releasing it."""
-    response = await upstream.send(method, server.url, target, headers or [], body, 5.0)
+    response = await send(method, server.url, target, headers or [], body, 5.0)
     try:
         data = await response.read(10**7)
         if linger:
@@ -223,7 +239,7 @@ async def test_a_bodiless_answer_with_content_length_keeps_the_connection(
         )
     )
     for _ in range(2):
-        response = await upstream.send("GET", server.url, "/x", [], None, 5.0)
+        response = await send("GET", server.url, "/x", [], None, 5.0)
         assert response.content_length() == 0
         assert await response.read_sized() == b""
         response.release()
@@ -357,13 +373,13 @@ async def test_a_request_head_that_cannot_be_written_is_refused_before_a_byte_is
         await pool.request("GET", h1.origin(server.url), target, headers, None, 5.0, 5.0)
     pool.close()
     with pytest.raises(InvalidRequest, match="cannot be forwarded"):
-        await upstream.send("POST", server.url, target, headers, b"{}", 5.0)
+        await send("POST", server.url, target, headers, b"{}", 5.0)
 
     async def streamed() -> AsyncIterator[bytes]:
         yield b"{}"
 
     with pytest.raises(InvalidRequest, match="cannot be forwarded"):  # the aiohttp path
-        await upstream.send("POST", server.url, target, headers, streamed(), 5.0)
+        await send("POST", server.url, target, headers, streamed(), 5.0)
     await asyncio.sleep(0.05)
     assert (server.connections, server.received) == (0, 0)
 
@@ -388,7 +404,7 @@ async def test_a_status_outside_100_599_is_a_502_on_the_streamed_path_too(
         yield b"{}"
 
     with pytest.raises(BadGateway, match="status 600"):
-        await upstream.send("POST", server.url, "/x", [], streamed(), 5.0)
+        await send("POST", server.url, "/x", [], streamed(), 5.0)
 
 
 @pytest.mark.parametrize(
@@ -425,7 +441,7 @@ async def test_a_transfer_coding_other_than_chunked_is_a_502_on_the_streamed_pat
     )
     for _ in codings:
         with pytest.raises(BadGateway, match="Transfer-Encoding"):
-            await upstream.send("POST", server.url, "/x", [], streamed(b"{}"), 5.0)
+            await send("POST", server.url, "/x", [], streamed(b"{}"), 5.0)
     assert len(server.requests) == len(codings)
 
 
@@ -455,7 +471,7 @@ async def test_broken_or_cut_chunked_bodies_fail_in_the_body_and_are_not_reused(
             else [(ok(b"fresh"), 0)]
         )
     )
-    response = await upstream.send("GET", server.url, "/x", [], None, 5.0)
+    response = await send("GET", server.url, "/x", [], None, 5.0)
     assert response.status == 200
     with pytest.raises(BadGateway, match="broke off"):
         async for _ in response.iter_chunks():
@@ -603,7 +619,7 @@ async def test_a_close_delimited_answer_cut_by_a_reset_is_not_complete(cut: str)
 
     with socket_module(serve) as url:
         try:
-            response = await upstream.send("GET", url, "/x", [], None, 5.0)
+            response = await send("GET", url, "/x", [], None, 5.0)
             assert (response.status, response.content_length()) == (200, None)
             received = []
             if cut == "fin":
@@ -644,7 +660,7 @@ def test_a_module_that_speaks_before_the_request_is_a_502_not_a_crash() -> None:
         try:
             for method, body in (("GET", None), ("POST", b"{}"), ("GET", None)):
                 with pytest.raises(BadGateway, match="no valid answer") as caught:
-                    await upstream.send(method, url, "/x", [], body, 5.0)
+                    await send(method, url, "/x", [], body, 5.0)
                 outcomes.append(str(caught.value.__cause__))
         finally:
             assert handle is not None
@@ -671,7 +687,7 @@ async def test_an_unsolicited_answer_on_an_idle_streamed_path_connection_is_neve
     server = await raw(script)
     answers = []
     for _ in range(3):
-        response = await upstream.send("POST", server.url, "/x", [], streamed(b"up", b"load"), 5)
+        response = await send("POST", server.url, "/x", [], streamed(b"up", b"load"), 5)
         answers.append((response.status, await response.read(1000)))
         response.release()
         await asyncio.sleep(0.2)  # the 302 arrives on the idle connection meanwhile

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
@@ -29,6 +28,7 @@ from gateway.operations.health import (
     ModuleState,
     RedisLease,
     probe,
+    probe_transport,
 )
 from tests.conftest import MODULE_NAMES, OPERATOR_TOKEN, wait_until
 from tests.servers import ROOT, GatewayProcess, free_port, fresh_database_url
@@ -137,7 +137,7 @@ async def test_checker_follows_the_schedule_on_a_fake_clock(upstream, clock):
     async def mark(module: str) -> None:
         passes.append(module)
 
-    async with httpx.AsyncClient() as client:
+    async with probe_transport() as client:
         checker = HealthChecker(
             client,
             modules=table_of(ModuleInfo("switch", upstream.url)),
@@ -175,7 +175,7 @@ async def test_checker_follows_the_schedule_on_a_fake_clock(upstream, clock):
 
 
 async def test_checker_probes_only_enabled_modules(upstream, clock):
-    async with httpx.AsyncClient() as client:
+    async with probe_transport() as client:
         checker = HealthChecker(
             client,
             modules=table_of(
@@ -197,7 +197,7 @@ async def _noop(module: str) -> None:
 
 async def test_probe_reports_status_latency_and_errors_without_sending_credentials(upstream):
     upstream.respond("GET", "/health", status=503)
-    async with httpx.AsyncClient() as client:
+    async with probe_transport() as client:
         failed = await probe(client, ModuleInfo("switch", upstream.url), 2.0)
         dead = await probe(client, ModuleInfo("madre", f"http://127.0.0.1:{free_port()}"), 2.0)
     assert (failed.ok, failed.error) == (False, "HTTP 503") and failed.latency_ms is not None
@@ -208,7 +208,7 @@ async def test_probe_reports_status_latency_and_errors_without_sending_credentia
 
 async def test_a_slow_module_times_out(upstream):
     upstream.respond("GET", "/health", delay=1.0)
-    async with httpx.AsyncClient() as client:
+    async with probe_transport() as client:
         result = await probe(client, ModuleInfo("switch", upstream.url), 0.2)
     assert (result.ok, result.error) == (False, "timeout after 0.2 s")
 
@@ -228,7 +228,7 @@ async def test_probe_results_are_stored_exported_and_announced(
         message = await asyncio.wait_for(layer.receive(channel), 5)
         return message["event"]
 
-    async with httpx.AsyncClient() as client:
+    async with probe_transport() as client:
         checker = HealthChecker(
             client, modules=table_of(info), clock=clock, wall=clock, mark_healthy=_noop
         )
@@ -277,7 +277,7 @@ async def test_a_passing_probe_moves_an_open_breaker_to_half_open(
         await breaker.record("switch", status=503, error=False)
     assert (await breaker.status("switch")).state == "open"
     info = ModuleInfo("switch", upstream.url)
-    async with httpx.AsyncClient() as client:
+    async with probe_transport() as client:
         checker = HealthChecker(client, modules=table_of(info), persist=False)
         upstream.respond("GET", "/health", status=503)
         await checker.check(info)
@@ -292,7 +292,7 @@ async def test_a_passing_probe_moves_an_open_breaker_to_half_open(
 async def test_failing_probes_never_count_as_breaker_failures(transactional_db, upstream, gw_env):
     upstream.respond("GET", "/health", status=503)
     info = ModuleInfo("switch", upstream.url)
-    async with httpx.AsyncClient() as client:
+    async with probe_transport() as client:
         checker = HealthChecker(client, modules=table_of(info), persist=False)
         for _ in range(5):
             await checker.check(info)
@@ -360,7 +360,7 @@ async def test_only_the_leader_probes_and_the_standby_takes_over(redis_url, upst
     first, second = aioredis.Redis.from_url(redis_url), aioredis.Redis.from_url(redis_url)
     info = ModuleInfo("switch", upstream.url)
     try:
-        async with httpx.AsyncClient() as client:
+        async with probe_transport() as client:
             leader, standby = (
                 HealthChecker(
                     client,
@@ -392,7 +392,7 @@ async def test_only_the_leader_probes_and_the_standby_takes_over(redis_url, upst
 
 
 async def test_without_redis_the_worker_is_the_leader(upstream, clock):
-    async with httpx.AsyncClient() as client:
+    async with probe_transport() as client:
         checker = HealthChecker(
             client,
             lease=LocalLease(),

@@ -5,12 +5,18 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 
 import httpx
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 
-from gateway.config.routes import CODE_ROUTES, IntentType
-from gateway.models import Route
+from gateway.api.serializers import EffectiveRouteSerializer, RouteSerializer
+from gateway.config.routes import CODE_ROUTES, OVERRIDABLE, IntentType
+from gateway.config.shapes import BREAKER_FIELDS, ROUTE_FIELDS, check_model
+from gateway.core.conf import GatewaySettings, gw
+from gateway.core.knobs import knob
+from gateway.models import Module, Route
 from tests.conftest import OPERATOR_TOKEN, wait_until
 from tests.servers import GatewayProcess, fresh_database_url
 
@@ -28,6 +34,49 @@ def test_code_table_matches_the_spec():
     assert CODE_ROUTES["analysis"].priority == "analysis" and CODE_ROUTES["analysis"].protected
     assert CODE_ROUTES["spawn"].timeout == 120 and CODE_ROUTES["spawn"].module == "spawner"
     assert CODE_ROUTES["stream"].streaming and CODE_ROUTES["stream"].timeout == 300
+
+
+def test_one_shape_drives_route_model_api_and_effective_entry():
+    assert OVERRIDABLE == ROUTE_FIELDS
+    assert list(RouteSerializer().fields) == ["intent", *ROUTE_FIELDS, "enabled"]
+    entry = CODE_ROUTES["chat"].as_dict()
+    assert list(entry) == ["intent", *ROUTE_FIELDS, "enabled", "source"]
+    assert list(EffectiveRouteSerializer().fields) == list(entry)
+
+    @dataclass
+    class Drifted:
+        timeout: int | None = None  # the column is a FloatField
+
+    with pytest.raises(ImproperlyConfigured, match=r"Route\.timeout"):
+        check_model(Route, Drifted)
+
+
+def test_module_row_carries_its_breaker_settings():
+    row = Module(name="m", url="http://m:1", failure_threshold=7, window_seconds=2.5)
+    info = row.info()
+    assert (info.name, info.url, info.source) == ("m", "http://m:1", "database")
+    assert {name: getattr(info, name) for name in BREAKER_FIELDS} == {
+        name: getattr(row, name) for name in BREAKER_FIELDS
+    }
+    assert info.breaker_overrides() == {"failure_threshold": 7, "window_seconds": 2.5}
+
+
+def test_knobs_are_typed_attributes(monkeypatch):
+    monkeypatch.setenv("VX11_RETRY_MAX", "5")
+    gw.reload()
+    try:
+        assert gw.retry_max == 5 and type(gw.retry_max) is int
+        assert type(gw.client_body_timeout) is float
+        assert vars(gw)["retry_max"] == 5  # loaded once; later reads are plain lookups
+        generation = gw.generation
+        gw.reload()
+        assert "retry_max" not in vars(gw) and gw.generation == generation + 1
+    finally:
+        monkeypatch.delenv("VX11_RETRY_MAX")
+        gw.reload()
+    assert GatewaySettings.retry_max.env == "VX11_RETRY_MAX"
+    with pytest.raises(TypeError, match="VX11_RETRY_MIN"):
+        type("Bad", (), {"retry_max": knob("VX11_RETRY_MIN", 1, "misnamed")})
 
 
 def test_list_shows_effective_table_with_sources(http, operator_headers):

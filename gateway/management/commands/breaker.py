@@ -16,8 +16,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gateway.api.breakers import breaker_statuses, force_breaker, module_table
 from gateway.config.snapshot import watches_database
+from gateway.operations.breakers import breaker_statuses, force_breaker
+from gateway.operations.configuration import module_table
 from gateway.state import store
 
 ACTIONS = {"reset": "reset", "open": "force_open", "close": "force_closed", "auto": "auto"}

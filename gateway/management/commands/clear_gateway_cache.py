@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from gateway.core.conf import gw
 from gateway.core.problems import GatewayError
+from gateway.operations.cache import clear_cache_sync
 
 
 class Command(BaseCommand):
@@ -19,8 +20,6 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from gateway.api.edge import clear_cache_sync
-
         try:
             deleted = clear_cache_sync("command")
         except GatewayError as exc:

@@ -14,8 +14,8 @@ import logging
 import signal
 from typing import Any
 
-import httpx
 import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
 from django.core.management.base import BaseCommand, CommandParser
 
 from gateway.core.conf import gw
@@ -27,17 +27,10 @@ from gateway.operations.health import (
     LocalLease,
     ProbeResult,
     RedisLease,
+    probe_transport,
 )
 from gateway.state import store
-
-
-def _client() -> httpx.AsyncClient:
-    # Probes go to the modules directly: no proxies from the environment, no redirects.
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        trust_env=False,
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-    )
+from sessions_ctx7.services import clear_expired
 
 
 async def _close_shared_clients() -> None:
@@ -62,9 +55,6 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        httpx_log = logging.getLogger("httpx")
-        if httpx_log.getEffectiveLevel() < logging.WARNING:
-            httpx_log.setLevel(logging.WARNING)  # one line per probe is noise; ours say more
         if options["once"]:
             results = asyncio.run(self._once())
             self._table(results)
@@ -73,7 +63,7 @@ class Command(BaseCommand):
 
     async def _once(self) -> list[tuple[ProbeResult, int]]:
         try:
-            async with _client() as client:
+            async with probe_transport() as client:
                 checker = HealthChecker(
                     client,
                     schedule=HealthSchedule.from_settings(),
@@ -101,10 +91,6 @@ class Command(BaseCommand):
 
     async def _purge_context7(self, stop: asyncio.Event) -> None:
         """Delete expired Context-7 sessions every VX11_CONTEXT7_PURGE_INTERVAL seconds."""
-        from asgiref.sync import sync_to_async
-
-        from sessions_ctx7.services import clear_expired
-
         interval = float(gw.context7_purge_interval)
         if interval <= 0:
             return
@@ -147,7 +133,7 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
         try:
-            async with _client() as client:
+            async with probe_transport() as client:
                 checker = HealthChecker(
                     client,
                     schedule=schedule,

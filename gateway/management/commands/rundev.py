@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.management import call_command
+from django.contrib.auth import get_user_model
+from django.core.management import call_command, get_commands
 from django.core.management.base import BaseCommand, CommandParser
 
 from gateway.startup import server_command
@@ -56,36 +57,35 @@ class Command(BaseCommand):
             path.chmod(0o600)
         return data
 
-    def handle(self, *args: Any, **options: Any) -> None:
-        from django.contrib.auth import get_user_model
-
-        self.stdout.write("==> migrating the database")
-        call_command("migrate", verbosity=0, interactive=False)
-        creds = self.credentials()
-        User = get_user_model()
-        user, created = User.objects.get_or_create(
+    def admin_user(self, password: str) -> None:
+        """The dev superuser ``admin`` with the stored password."""
+        user, created = get_user_model().objects.get_or_create(
             username="admin", defaults={"is_staff": True, "is_superuser": True}
         )
-        if created or not user.check_password(creds["admin_password"]):
-            user.set_password(creds["admin_password"])
+        if created or not user.check_password(password):
+            user.set_password(password)
             user.is_staff = user.is_superuser = True
             user.save()
-        env = {**os.environ, "DJANGO_DEBUG": "1", "PYTHONUNBUFFERED": "1"}
-        token = env.get("VX11_TOKEN") or creds["token"]
-        env["VX11_TOKEN"] = token
+
+    def start_workers(self, env: dict[str, str], no_demo: bool) -> list[subprocess.Popen[bytes]]:
+        """The demo modules (unless their port is taken) and the health-check worker."""
         children: list[subprocess.Popen[bytes]] = []
         manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
-        if not options["no_demo"]:
+        if not no_demo:
             if _port_busy(8002):
                 self.stdout.write("==> demo modules: port 8002 busy, assuming they run already")
             else:
                 self.stdout.write("==> starting demo modules (ports 8001-8011)")
                 children.append(subprocess.Popen([*manage, "run_demo_modules"], env=env))
-        from django.core.management import get_commands
-
         if "run_health_checks" in get_commands():
             self.stdout.write("==> starting the health-check worker")
             children.append(subprocess.Popen([*manage, "run_health_checks"], env=env))
+        return children
+
+    def start_server(
+        self, env: dict[str, str], options: dict[str, Any], children: list[subprocess.Popen[bytes]]
+    ) -> subprocess.Popen[bytes]:
+        """The gateway, once it listens (exits the command when it cannot start)."""
         host, port = options["host"], options["port"]
         if _port_busy(port):
             self.stderr.write(f"error: port {port} is in use; pass --port N or set VX11_PORT")
@@ -97,17 +97,19 @@ class Command(BaseCommand):
             cwd=settings.BASE_DIR,
         )
         children.append(server)
-        base = f"http://{host}:{port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not _port_busy(port):
             if server.poll() is not None:
                 self._stop(children)
                 raise SystemExit("error: the gateway exited during start-up (see above)")
             time.sleep(0.1)
+        return server
+
+    def banner(self, base: str, token: str, password: str) -> None:
         self.stdout.write(
             self.style.SUCCESS(f"""
 VX11 Gateway (development) is up at {base}
-  admin       {base}/admin/        user: admin   password: {creds["admin_password"]}
+  admin       {base}/admin/        user: admin   password: {password}
   dashboard   {base}/admin/dashboard/
   API docs    {base}/docs   (ReDoc: {base}/redoc, schema: {base}/openapi.json)
   token       {token}
@@ -120,6 +122,18 @@ Press Ctrl-C to stop.
 """)
         )
         self.stdout.flush()
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self.stdout.write("==> migrating the database")
+        call_command("migrate", verbosity=0, interactive=False)
+        creds = self.credentials()
+        self.admin_user(creds["admin_password"])
+        env = {**os.environ, "DJANGO_DEBUG": "1", "PYTHONUNBUFFERED": "1"}
+        token = env.get("VX11_TOKEN") or creds["token"]
+        env["VX11_TOKEN"] = token
+        children = self.start_workers(env, options["no_demo"])
+        server = self.start_server(env, options, children)
+        self.banner(f"http://{options['host']}:{options['port']}", token, creds["admin_password"])
         stop = {"now": False}
 
         def _signal(*_: Any) -> None:

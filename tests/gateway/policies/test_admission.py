@@ -22,6 +22,8 @@ from gateway.policies.breaker import (
     RedisBreakerBackend,
 )
 from gateway.policies.ratelimit import FailMode, RateLimiter, RedisRateLimitBackend, Scope
+from gateway.state.memory import MemoryAdmission, MemoryRateLimitBackend
+from gateway.state.redis_store import combined
 from gateway.state.resp import PipelinedRedis
 from tests.conftest import FakeClock
 from tests.servers import RedisServer
@@ -173,10 +175,28 @@ async def test_a_dead_store_falls_back_for_both_policies(
 
 
 async def test_memory_backends_decide_separately(clock: FakeClock) -> None:
-    from gateway.policies.ratelimit import MemoryRateLimitBackend
-
     breaker = CircuitBreaker(MemoryBreakerBackend(), lambda _m: BreakerConfig(), clock=clock)
     limiter = RateLimiter(MemoryRateLimitBackend(), clock=clock)
     admitted = await Admission(limiter, breaker).admit(scope(1), M)
     assert admitted.decision.allowed and admitted.permit is None
     assert not (await Admission(limiter, breaker).admit(scope(1), M)).decision.allowed
+
+
+async def test_the_memory_store_admits_by_the_rate_limit_and_leaves_the_breaker_alone(
+    clock: FakeClock,
+) -> None:
+    """The memory implementation of the combined admission (gateway.state.base)."""
+    store = MemoryAdmission(MemoryRateLimitBackend())
+    decision, permit = await store.admit(scope(1), 1.0, M, BreakerConfig(), 1.0, shadow=False)
+    assert decision.allowed and permit is None
+    decision, permit = await store.admit(scope(1), 1.0, M, BreakerConfig(), 1.0, shadow=False)
+    assert not decision.allowed and permit is None
+
+
+def test_a_combined_admission_needs_one_shared_store(redis_url: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    one, other = PipelinedRedis(redis_url), PipelinedRedis(redis_url)
+    breakers = RedisBreakerBackend(client, scripts=one)
+    assert combined(RedisRateLimitBackend(one), breakers) is not None
+    assert combined(RedisRateLimitBackend(other), breakers) is None
+    assert combined(MemoryRateLimitBackend(), MemoryBreakerBackend()) is None

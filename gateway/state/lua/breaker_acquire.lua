@@ -1,0 +1,1 @@
+return breaker_acquire(KEYS, ARGV)
