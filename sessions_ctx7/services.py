@@ -68,8 +68,8 @@ def resolve_now(now: datetime | None) -> datetime:
 
 def expires_at_for(created_at: datetime, last_activity: datetime) -> datetime:
     """Sliding TTL from the last activity, never past the absolute cap from creation."""
-    sliding = last_activity + timedelta(seconds=int(gw.context7_ttl_seconds))
-    absolute = created_at + timedelta(seconds=int(gw.context7_max_age_seconds))
+    sliding = last_activity + timedelta(seconds=gw.context7_ttl_seconds)
+    absolute = created_at + timedelta(seconds=gw.context7_max_age_seconds)
     return min(sliding, absolute)
 
 
@@ -196,7 +196,7 @@ def open_turn(
 def _open_turn(
     owner: str, session_id: str, content: str | None, now: datetime, metadata: dict[str, Any]
 ) -> Opened:
-    cap = int(gw.context7_max_messages)
+    cap = gw.context7_max_messages
     session = _locked({"session_id": session_id})
     created = restarted = False
     if session is None:
@@ -264,7 +264,7 @@ def append(
         session = _locked({"pk": pk})
         if session is None or session.created_at != generation or session.is_expired(now):
             return False
-        _push(session, role, content, metadata or {}, now, int(gw.context7_max_messages))
+        _push(session, role, content, metadata or {}, now, gw.context7_max_messages)
         session.last_activity = now
         session.expires_at = expires_at_for(session.created_at, now)
         session.save(update_fields=SAVED_FIELDS)

@@ -20,9 +20,11 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _mp
 
+from gateway.core.conf import SHUB_METRIC_PATHS
+
 MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_SHUB_PATHS = frozenset({"/shub/health", "/shub/ready", "/shub/openapi.json", "/shub/cache/clear"})
+_SHUB_PATHS = SHUB_METRIC_PATHS
 
 SHUB_REQUESTS = Counter(
     "shub_proxy_requests", "Requests proxied to shub", ["status", "path", "method"]

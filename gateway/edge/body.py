@@ -30,7 +30,7 @@ async def read_body(call: Call, receive: Receive, first: bytes = b"") -> AsyncIt
     one byte restarts it; the time the consumer (an upstream that reads slowly) takes
     between two chunks is not the client's.
     """
-    limit = int(gw.max_body_bytes)
+    limit = gw.max_body_bytes
     watch = bodytimer.waits()
     size = len(first)
     if first:
@@ -77,7 +77,7 @@ async def _receive(
 
 def _stalled(call: Call) -> RequestTimeout:
     call.body_error = RequestTimeout(
-        f"The request body made no progress for {float(gw.client_body_timeout):g} s."
+        f"The request body made no progress for {gw.client_body_timeout:g} s."
     )
     return call.body_error
 
@@ -88,7 +88,7 @@ async def read_small(call: Call, receive: Receive) -> bytes | AsyncIterator[byte
     watch = bodytimer.waits()
     first = await _receive(call, receive, watch, watch.deadline())
     chunk: bytes = first.get("body", b"")
-    if len(chunk) > int(gw.max_body_bytes):
+    if len(chunk) > gw.max_body_bytes:
         call.body_error = PayloadTooLarge(f"The request body exceeds {gw.max_body_bytes} bytes.")
         raise call.body_error
     if not first.get("more_body", False):

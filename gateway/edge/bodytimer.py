@@ -53,7 +53,7 @@ class BodyWaits:
         """When a wait that starts now times out (``loop.time()``)."""
         if self.generation != gw.generation:
             self.generation = gw.generation
-            self.timeout = float(gw.client_body_timeout)
+            self.timeout = gw.client_body_timeout
             self.interval = max(MIN_INTERVAL, min(MAX_INTERVAL, self.timeout / 10.0))
         return self.loop.time() + self.timeout
 

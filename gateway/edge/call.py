@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from gateway.config.modules import ModuleInfo
 from gateway.config.routes import RouteConfig
 from gateway.config.snapshot import Snapshot
-from gateway.core.conf import gw
+from gateway.core.conf import SHUB_HEALTH_PATHS, gw
 from gateway.core.problems import GatewayError, ShubUnavailable, UpstreamUnavailable
 from gateway.edge.auth import Principal
 from gateway.edge.headers import edge
@@ -21,7 +21,7 @@ from gateway.upstream import hop
 
 SHUB_PREFIX = "/shub"
 #: The /shub paths whose GET and HEAD have priority "health" (and whose GET is cached).
-HEALTH_PATHS = frozenset({"/shub/health", "/shub/ready"})
+HEALTH_PATHS = SHUB_HEALTH_PATHS
 
 
 @dataclass(slots=True)

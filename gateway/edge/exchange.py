@@ -65,7 +65,7 @@ class slot:
 
 
 def retryable(call: Call) -> bool:
-    if int(gw.retry_max) <= 0:
+    if gw.retry_max <= 0:
         return False
     allows_post = call.route.retry_post if call.route is not None else False
     return may_retry_request(
@@ -194,7 +194,7 @@ def retry_delay(
     retry_worthy = isinstance(error, UpstreamUnavailable) or (
         response is not None and response.status in RETRY_STATUSES
     )
-    if not retry_worthy or call.attempts > int(gw.retry_max):
+    if not retry_worthy or call.attempts > gw.retry_max:
         return None
     delay = next_delay(
         call.attempts,

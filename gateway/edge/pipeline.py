@@ -121,7 +121,7 @@ async def rate_limit(
 
 async def serve_cached(call: Call, svc: services.Services, send: Send) -> None:
     """GET /shub/health and /shub/ready: 2xx answers shared for VX11_CACHE_TTL_HEALTH s."""
-    ttl = float(gw.cache_ttl_health)
+    ttl = gw.cache_ttl_health
     # The query string is not part of the key (nginx's ``proxy_cache_key`` without
     # ``$args``): anonymous callers cannot miss the cache at will with ``?1``, ``?2``…
     key = "shub:" + call.upstream_path_key
@@ -173,7 +173,7 @@ async def serve_context7(call: Call, svc: services.Services, receive: Receive, s
     call.response_headers.append((b"x-vx11-session", turn.session_id.encode()))
     async with slot(call, svc):
         response, permit = await forward(call, turn.body, svc)
-        body = await read_answer(call, svc, response, permit, int(gw.max_body_bytes))
+        body = await read_answer(call, svc, response, permit, gw.max_body_bytes)
     content_type = response.header("Content-Type")
     body = await enrich.finish(turn, response.status, content_type, body)
     await send_buffered(call, send, response.status, response.headers, body)

@@ -78,7 +78,7 @@ class Request(RequestHead):
             self.peer, self.forwarded_for_list(), trusted
         )
         length = self.length = parse_length(self.content_length)
-        if length is not None and length > int(gw.max_body_bytes):
+        if length is not None and length > gw.max_body_bytes:
             raise PayloadTooLarge(f"The request body exceeds {gw.max_body_bytes} bytes.")
         self.forwarded_scheme = forwarded_proto(
             self.scheme, self.forwarded_proto, self.peer, trusted

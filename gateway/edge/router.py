@@ -110,7 +110,7 @@ def _shub_call(request: Request, snapshot: Snapshot, raw_path: str) -> Call:
         principal,
         module,
         None,
-        float(gw.shub_timeout),
+        gw.shub_timeout,
         "health" if health else "other",
         not public,
     )

@@ -71,13 +71,13 @@ class Sweeper:
     """The deadlines of every guarded connection of one event loop, one tick at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, keep_alive: float) -> None:
-        head_timeout = float(gw.client_header_timeout)
+        head_timeout = gw.client_header_timeout
         self.loop = loop
         self.tick = max(0.05, min(1.0, head_timeout / 4, max(keep_alive, 0.2) / 4))
         self.head_ticks = self.ticks_for(head_timeout)
         self.idle_ticks = self.ticks_for(keep_alive)
         self.linger_ticks = self.ticks_for(LINGER_SECONDS)
-        self.max_connections = int(gw.max_connections)
+        self.max_connections = gw.max_connections
         self.connections: set[GatewayHttpProtocol] = set()
         loop.call_later(self.tick, self.sweep)
 

@@ -240,7 +240,7 @@ def probe_now(info: ModuleInfo) -> tuple[ProbeResult, ModuleState]:
             checker = HealthChecker(
                 client,
                 schedule=HealthSchedule.from_settings(),
-                timeout=float(gw.health_timeout),
+                timeout=gw.health_timeout,
                 mark_healthy=breaker.mark_healthy,
             )
             result = await checker.check(info)

@@ -83,9 +83,9 @@ class HealthSchedule:
     @classmethod
     def from_settings(cls) -> HealthSchedule:
         return cls(
-            interval=float(gw.health_interval),
-            incident_interval=float(gw.health_incident_interval),
-            max_backoff=float(gw.health_max_backoff),
+            interval=gw.health_interval,
+            incident_interval=gw.health_incident_interval,
+            max_backoff=gw.health_max_backoff,
         )
 
 

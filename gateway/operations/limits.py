@@ -38,10 +38,10 @@ async def charge(scopes: Scopes) -> list[tuple[str, str]]:
 
 async def usage(scopes: Scopes) -> dict[str, Any]:
     """The caller's usage per scope, consuming nothing (``GET /vx11/rate-limit/status``)."""
-    enabled = bool(gw.rate_limit_enabled)
+    enabled = gw.rate_limit_enabled
     body: dict[str, Any] = {
         "enabled": enabled,
-        "enforced": enabled and bool(gw.rate_limit_enforce),
+        "enforced": enabled and gw.rate_limit_enforce,
         "degraded": False,
         "scopes": [],
     }

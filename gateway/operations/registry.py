@@ -105,10 +105,10 @@ def _default_config() -> BreakerConfig:
     cfg = _defaults.get(gw.generation)
     if cfg is None:
         cfg = BreakerConfig(
-            failure_threshold=int(gw.cb_failure_threshold),
-            recovery_timeout=float(gw.cb_recovery_timeout),
-            half_open_max_calls=int(gw.cb_half_open_max_calls),
-            success_threshold=int(gw.cb_success_threshold),
+            failure_threshold=gw.cb_failure_threshold,
+            recovery_timeout=gw.cb_recovery_timeout,
+            half_open_max_calls=gw.cb_half_open_max_calls,
+            success_threshold=gw.cb_success_threshold,
         )
         _defaults.clear()
         _defaults[gw.generation] = cfg
@@ -261,7 +261,7 @@ def breaker_facade(
         config_for,
         clock=time.time,
         on_transition=on_transition,
-        enabled=bool(gw.cb_enabled),
+        enabled=gw.cb_enabled,
     )
 
 
@@ -301,7 +301,7 @@ watcher.listeners.append(breaker_commands)
 def build() -> Services:
     limiter_backend: RateLimitBackend
     cache_backend: ResponseCache
-    timeout = float(gw.store_timeout)
+    timeout = gw.store_timeout
     if store.shared():
         client = store.async_client()
         scripts = store.script_client()
@@ -316,15 +316,13 @@ def build() -> Services:
         limiter_backend,
         fail_mode=gw.rate_limit_fail_mode,
         store_timeout=timeout,
-        enforce=bool(gw.rate_limit_enforce),
+        enforce=gw.rate_limit_enforce,
     )
     return Services(
         breaker=breaker,
         limiter=limiter,
-        backpressure=PriorityLimiter(int(gw.max_inflight), int(gw.queue_max)),
-        budget=RetryBudget(
-            ratio=float(gw.retry_budget_ratio), min_retries=int(gw.retry_budget_min)
-        ),
+        backpressure=PriorityLimiter(gw.max_inflight, gw.queue_max),
+        budget=RetryBudget(ratio=gw.retry_budget_ratio, min_retries=gw.retry_budget_min),
         cache=SingleFlight(cache_backend, store_timeout=timeout),
         generation=gw.generation,
         admission=Admission(limiter, breaker),

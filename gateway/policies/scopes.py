@@ -50,7 +50,7 @@ class TokenScope:
         return "token:" + caller.id if caller.authenticated else None
 
     def get_rate(self, caller: Caller) -> int:
-        return caller.rate_limit or int(gw.rate_limit_token)
+        return caller.rate_limit or gw.rate_limit_token
 
 
 class IpScope:
@@ -62,7 +62,7 @@ class IpScope:
         return "ip:" + client_ip
 
     def get_rate(self, caller: Caller) -> int:
-        return int(gw.rate_limit_ip)
+        return gw.rate_limit_ip
 
 
 class ProtectedScope:
@@ -76,7 +76,7 @@ class ProtectedScope:
         return "protected:" + (caller.id if caller.authenticated else "ip:" + client_ip)
 
     def get_rate(self, caller: Caller) -> int:
-        return caller.protected_rate_limit or int(gw.rate_limit_protected)
+        return caller.protected_rate_limit or gw.rate_limit_protected
 
 
 #: The scopes, in the order they are checked (and reported).
@@ -85,7 +85,7 @@ SCOPES: tuple[RateScope, ...] = (TokenScope(), IpScope(), ProtectedScope())
 
 def build_scopes(caller: Caller, client_ip: str, protected: bool) -> list[Scope]:
     """The limits one request is counted against (also read by the status endpoint)."""
-    window = int(gw.rate_limit_window)
+    window = gw.rate_limit_window
     scopes = []
     for rule in SCOPES:
         key = rule.get_cache_key(caller, client_ip, protected)

@@ -61,7 +61,7 @@ class _GatedRedis(aioredis.Redis):
 
 
 def redis_url() -> str:
-    return str(gw.redis_url)
+    return gw.redis_url
 
 
 def shared() -> bool:
@@ -73,7 +73,7 @@ def _backstop() -> float:
     # Request-path calls are bounded by gateway.core.deadline.store_call (the store
     # timeout, not charged for our own loop's stalls); the socket timeouts are only a
     # backstop and must not cut in first, so they match its wall-time cap.
-    return default_cap(max(float(gw.store_timeout), 0.05))
+    return default_cap(max(gw.store_timeout, 0.05))
 
 
 def _new_async_client() -> aioredis.Redis:

@@ -270,7 +270,7 @@ def pool(limit: int | None = None) -> Pool:
     loop = asyncio.get_running_loop()
     found = _pools.get(id(loop))
     if found is None or found.loop is not loop:
-        size = int(gw.upstream_pool_size) if limit is None else limit
+        size = gw.upstream_pool_size if limit is None else limit
         found = _pools[id(loop)] = Pool(size)
         found.loop = loop
     return found

@@ -105,7 +105,7 @@ def session() -> aiohttp.ClientSession:
     client = _sessions.get(id(loop))
     if client is None or client.closed:
         connector = aiohttp.TCPConnector(
-            limit=int(gw.upstream_pool_size),
+            limit=gw.upstream_pool_size,
             limit_per_host=0,
             ttl_dns_cache=300,
             ssl=tls.client_context(),

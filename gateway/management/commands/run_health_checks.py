@@ -67,7 +67,7 @@ class Command(BaseCommand):
                 checker = HealthChecker(
                     client,
                     schedule=HealthSchedule.from_settings(),
-                    timeout=float(gw.health_timeout),
+                    timeout=gw.health_timeout,
                 )
                 results = await checker.run_once()
                 with contextlib.suppress(TimeoutError):
@@ -91,7 +91,7 @@ class Command(BaseCommand):
 
     async def _purge_context7(self, stop: asyncio.Event) -> None:
         """Delete expired Context-7 sessions every VX11_CONTEXT7_PURGE_INTERVAL seconds."""
-        interval = float(gw.context7_purge_interval)
+        interval = gw.context7_purge_interval
         if interval <= 0:
             return
         log = logging.getLogger("gateway.health")
@@ -138,7 +138,7 @@ class Command(BaseCommand):
                     client,
                     schedule=schedule,
                     lease=lease,
-                    timeout=float(gw.health_timeout),
+                    timeout=gw.health_timeout,
                     renew_every=renew_every,
                 )
                 purge = asyncio.create_task(self._purge_context7(stop), name="vx11-purge")
