@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 import uvloop
 
 from bench.clients import drive
-from gateway.policies.ratelimit import _LUA_HIT
 from gateway.state.resp import PipelinedRedis, Script
+from gateway.state.scripts import RATE_LIMIT_HIT
 from tests.servers import RedisServer
 
 KEYS = ["vx11:rl:token:bench", "vx11:rl:ip:127.0.0.1"]
@@ -45,7 +45,7 @@ def script_args(n: int) -> list[Any]:
 async def main(url: str, calls: int, concurrency: int) -> None:
     rows: list[tuple[str, tuple[float, float]]] = []
     client = aioredis.Redis.from_url(url, max_connections=concurrency)
-    registered = client.register_script(_LUA_HIT)
+    registered = client.register_script(RATE_LIMIT_HIT.source)
 
     counter = itertools.count()
 
@@ -56,7 +56,7 @@ async def main(url: str, calls: int, concurrency: int) -> None:
     await client.aclose()
 
     fast = PipelinedRedis(url)
-    script = Script(_LUA_HIT)
+    script = Script(RATE_LIMIT_HIT.source)
 
     async def pipelined() -> None:
         await fast.run_script(script, KEYS, script_args(next(counter)))

@@ -9,7 +9,7 @@ from django.core.checks import CheckMessage, Error, Warning, register
 
 from gateway.config.modules import env_overrides
 from gateway.core.conf import gw
-from gateway.state.redis_url import UnsupportedRedisURL, check_url
+from gateway.state.redis_url import UnsupportedRedisURL, check_url, connect_options
 from vx11site.env import EnvError
 
 
@@ -48,9 +48,21 @@ def _redis_url() -> list[CheckMessage]:
     except UnsupportedRedisURL as exc:
         return [
             Error(
-                f"VX11_REDIS_URL: {exc}",
+                str(exc),
                 id="gateway.E003",
                 hint="Use the options redis-py documents for redis:// and rediss:// URLs.",
+            )
+        ]
+    options, _ = connect_options(gw.redis_url)
+    if str(options.get("ssl_cert_reqs", "required")).lower() in {"none", "0"} or (
+        options.get("ssl_check_hostname") is False
+    ):
+        return [
+            Warning(
+                "VX11_REDIS_URL turns TLS verification off (ssl_cert_reqs=none or "
+                "ssl_check_hostname=false): anyone on the path can pose as the store.",
+                id="gateway.W006",
+                hint="Give the store's CA in ssl_ca_certs instead.",
             )
         ]
     return []

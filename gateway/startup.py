@@ -18,6 +18,7 @@ from gateway.core import correlation
 from gateway.core.asgi import Receive, Scope, Send, send_bytes
 from gateway.core.conf import gw
 from gateway.edge.limits import MAX_HEADER_BYTES, MAX_HEADER_COUNT, HeadersTooLarge
+from gateway.state.redis_url import UnsupportedRedisURL, check_url
 
 log = logging.getLogger("gateway")
 
@@ -84,6 +85,21 @@ def check_production_auth() -> None:
             "AUTHENTICATION IS DISABLED (VX11_AUTH_ENABLED=false): development only, "
             "every caller has operator rights"
         )
+
+
+def check_store_url() -> None:
+    """A Redis URL the request path's connection cannot honour: refuse to load, with the
+    reason (``manage.py check`` reports the same as ``gateway.E003``), rather than fail
+    every proxied call."""
+    if not gw.redis_url:
+        return
+    try:
+        check_url(gw.redis_url)
+    except UnsupportedRedisURL as exc:
+        message = f"VX11 Gateway refuses to start: {exc}"
+        print(message, file=sys.stderr, flush=True)
+        stop_supervisor()
+        raise SystemExit(message) from None
 
 
 # The head limits (``MAX_HEADER_BYTES``, ``MAX_HEADER_COUNT``, ``HeadersTooLarge``) live in
@@ -184,6 +200,7 @@ def build_application(django_app: Any) -> Any:
     from gateway.edge.proxy import ProxyApp  # deferred: imports gateway.models (Django set up)
 
     check_production_auth()
+    check_store_url()
     mapping: dict[str, Any] = {
         "http": HttpDispatcher(ProxyApp(), django_app),
         "websocket": websocket_application(),

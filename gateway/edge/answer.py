@@ -1,6 +1,6 @@
 """Reading the module's answer, writing it to the client, and the attempt's one outcome.
 
-``pipeline.forward`` returns the answer of the last attempt together with its breaker
+``exchange.forward`` returns the answer of the last attempt together with its breaker
 permit, unrecorded. Whoever reads the body records the outcome once it is known:
 
 - the body was read whole: the answer's status decides (:func:`settle` with

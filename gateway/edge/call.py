@@ -82,10 +82,10 @@ class Call:
     def unavailable(self) -> type[UpstreamUnavailable]:
         return ShubUnavailable if self.kind == "shub" else UpstreamUnavailable
 
-    def upstream_headers(self, *, body_in_memory: bool = False) -> list[tuple[str, str]]:
+    def upstream_headers(self, *, body_is_bytes: bool = False) -> list[tuple[str, str]]:
         """The client's headers minus hop-by-hop and gateway credentials, plus ours
-        (``gateway.upstream.hop.request_headers``: one pass). ``body_in_memory``: the
-        body goes as bytes, whose ``Content-Length`` the client sets itself."""
+        (``gateway.upstream.hop.request_headers``: one pass). ``body_is_bytes``: the
+        body goes as bytes, whose ``Content-Length`` the gateway's HTTP client (h1) sets itself."""
         request = self.request
         settings = edge()
         return hop.request_headers(
@@ -94,7 +94,7 @@ class Call:
             request.listed(),
             settings.cookie_names,
             drop_authorization=self.drop_authorization,
-            drop_length=body_in_memory,
+            drop_length=body_is_bytes,
             forwarded=[
                 ("X-Correlation-ID", request.cid),
                 ("X-Forwarded-For", request.forwarded_chain),

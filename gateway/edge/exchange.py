@@ -85,7 +85,7 @@ async def forward(
     outbound = OutboundRequest(
         call.method,
         call.target,
-        call.upstream_headers(body_in_memory=isinstance(body, bytes)),
+        call.upstream_headers(body_is_bytes=isinstance(body, bytes)),
         body,
         0.0,  # set per attempt: what is left of the route's deadline
         call.unavailable,

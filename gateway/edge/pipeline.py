@@ -32,7 +32,6 @@ from gateway.policies.scopes import build_scopes
 from gateway.upstream import Body
 from sessions_ctx7 import enrich
 
-CACHED_PATHS = HEALTH_PATHS  # GET answers shared for VX11_CACHE_TTL_HEALTH s
 CACHED_HEADERS = frozenset(
     {b"content-type", b"content-encoding", b"cache-control", b"etag", b"last-modified"}
 )
@@ -65,7 +64,7 @@ async def handle(call: Call, receive: Receive, send: Send) -> None:
         call.kind == "shub"
         and call.method == "GET"
         and gw.cache_enabled
-        and call.upstream_path_key in CACHED_PATHS
+        and call.upstream_path_key in HEALTH_PATHS  # GET answers shared for VX11_CACHE_TTL_HEALTH s
     ):
         await rate_limit(call, svc)
         await serve_cached(call, svc, send)
@@ -180,7 +179,6 @@ async def serve_context7(call: Call, svc: services.Services, receive: Receive, s
 
 
 __all__ = [
-    "build_scopes",  # kept here until gateway/api/edge.py imports gateway.policies.scopes
     "forward",
     "handle",
     "rate_limit",

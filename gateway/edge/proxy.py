@@ -27,7 +27,6 @@ from gateway.edge.body import ClientGone
 from gateway.edge.call import SHUB_PREFIX, Call
 from gateway.edge.headers import RequestHead
 from gateway.edge.request import Request
-from gateway.edge.router import INTENT_PREFIX, check_shub_path
 
 log = logging.getLogger("gateway.proxy")
 
@@ -121,4 +120,4 @@ def record(request: Request, call: Call | None, status: int, seconds: float) -> 
         )
 
 
-__all__ = ["CLIENT_CLOSED", "INTENT_PREFIX", "ProxyApp", "check_shub_path", "record"]
+__all__ = ["CLIENT_CLOSED", "ProxyApp", "record"]

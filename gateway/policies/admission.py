@@ -31,7 +31,6 @@ from gateway.policies.ratelimit import Decision, RateLimiter, Scope
 from gateway.state.base import AdmissionStore
 from gateway.state.guard import StoreGuard, StoreUnavailable
 from gateway.state.redis_store import combined
-from gateway.state.scripts import ADMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,4 +91,4 @@ class Admission:
         return Admitted(limiter.enforced(decision), permit)
 
 
-__all__ = ["ADMIT", "Admission", "Admitted"]
+__all__ = ["Admission", "Admitted"]

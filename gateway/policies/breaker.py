@@ -43,7 +43,6 @@ from gateway.state.base import BreakerStore
 from gateway.state.guard import StoreGuard, StoreUnavailable
 from gateway.state.memory import MemoryBreakerBackend
 from gateway.state.redis_store import RedisBreakerBackend
-from gateway.state.scripts import lua_source
 from gateway.state.values import (
     ALLOW_CLOSED,
     CLOSED,
@@ -58,14 +57,12 @@ from gateway.state.values import (
     Transition,
     check_action,
 )
-from gateway.state.values import report as _report
 
 logger = logging.getLogger(__name__)
 
 #: Where breaker state lives (``gateway.state.base``; memory and Redis implementations).
 BreakerBackend = BreakerStore
 #: The Lua functions shared by the acquire and admission scripts (``gateway/state/lua``).
-ACQUIRE_FUNCTIONS = lua_source("breaker")
 
 
 def is_failure(cfg: BreakerConfig, status: int | None, error: bool) -> bool:
@@ -251,7 +248,6 @@ class CircuitBreaker:
 
 
 __all__ = [
-    "ACQUIRE_FUNCTIONS",
     "CLOSED",
     "FORCE_ACTIONS",
     "HALF_OPEN",
@@ -267,6 +263,5 @@ __all__ = [
     "Permit",
     "RedisBreakerBackend",
     "Transition",
-    "_report",
     "is_failure",
 ]

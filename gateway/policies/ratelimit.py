@@ -34,15 +34,12 @@ from gateway.state.base import RateLimitStore
 from gateway.state.guard import STORE_ERRORS, Clock, StoreGuard, StoreUnavailable
 from gateway.state.memory import MemoryRateLimitBackend
 from gateway.state.redis_store import RedisRateLimitBackend
-from gateway.state.scripts import RATE_LIMIT_HIT, lua_source
 from gateway.state.values import Decision, Scope, ScopeResult
 
 FailMode = Literal["local", "open", "closed"]
 #: Where the log lives (``gateway.state.base``; memory and Redis implementations).
 RateLimitBackend = RateLimitStore
 #: The Lua of the rate limit alone and its shared function (``gateway/state/lua``).
-RATE_LIMIT_FUNCTION = lua_source("rate_limit")
-_LUA_HIT = RATE_LIMIT_HIT.source
 
 
 class RateLimiter:
@@ -186,7 +183,6 @@ def ratelimit_headers(decision: Decision) -> list[tuple[str, str]]:
 
 
 __all__ = [
-    "RATE_LIMIT_FUNCTION",
     "STORE_ERRORS",
     "Clock",
     "Decision",

@@ -11,7 +11,8 @@ Three operations make the interface (one Protocol each, so a policy names only w
 uses): the rate-limit window (:class:`RateLimitStore`), the breaker's steps
 (:class:`BreakerStore`), and the combined admission (:class:`AdmissionStore`: the rate
 limit and the breaker's first permit in one round trip). Every implementation is called
-through one guard (``gateway.state.guard.StoreGuard``) by the policies that use it.
+through one guard (``gateway.state.guard.StoreGuard``) by the policies that use it when the
+store is shared (memory stores cannot fail, so the policies call them directly).
 Per backend, one contract suite: ``tests/gateway/policies/test_ratelimit.py``,
 ``test_breaker.py`` and ``test_admission.py`` run the same cases on memory and on a
 real Redis.

@@ -61,6 +61,12 @@ IGNORED_OPTIONS = frozenset(
         "health_check_interval",
         "timeout",
         "client_name",
+        # How redis-py's clients decode answers and which RESP version they speak: the
+        # pipelined connection reads raw RESP2 bytes of its own scripts either way.
+        "decode_responses",
+        "encoding",
+        "encoding_errors",
+        "protocol",
     }
 )
 
@@ -83,26 +89,30 @@ def connect_options(url: str) -> tuple[dict[str, Any], RedisSSLContext | None]:
     except ValueError as exc:
         raise UnsupportedRedisURL(f"VX11_REDIS_URL: {exc}") from exc
     tls = is_tls(url)
-    ssl_given = sorted(name for name in options if name.startswith("ssl_"))
-    unknown = [
+    ssl_given = sorted(name for name in options if name == "ssl" or name.startswith("ssl_"))
+    unknown = sorted(
         name
         for name in options
         if name not in CONNECT_OPTIONS
         and name not in IGNORED_OPTIONS
         and name not in SSL_OPTIONS
-        and name != "protocol"
-    ]
+        and name not in ssl_given
+    )
     if unknown:
         raise UnsupportedRedisURL(
-            f"VX11_REDIS_URL: option(s) {', '.join(sorted(unknown))} not supported by the "
+            f"VX11_REDIS_URL: option(s) {', '.join(unknown)} not supported by the "
             "gateway's pipelined Redis connection"
         )
-    if options.get("protocol", 2) != 2:
-        raise UnsupportedRedisURL("VX11_REDIS_URL: only protocol=2 (RESP2) is supported")
     if ssl_given and not tls:
         raise UnsupportedRedisURL(
             f"VX11_REDIS_URL: {', '.join(ssl_given)} given for a plain connection; "
             "use the rediss:// scheme for TLS"
+        )
+    unknown_tls = [name for name in ssl_given if name not in SSL_OPTIONS]
+    if unknown_tls:
+        raise UnsupportedRedisURL(
+            f"VX11_REDIS_URL: option(s) {', '.join(unknown_tls)} not supported by the "
+            "gateway's pipelined Redis connection"
         )
     if not tls:
         return options, None

@@ -122,7 +122,7 @@ def request_headers(
     ``drop``: the names never forwarded (``DROP_UPSTREAM`` and the caller's own);
     ``listed``: the names the request's ``Connection`` declares hop-by-hop;
     ``drop_authorization``: ``Authorization`` carried a gateway credential;
-    ``drop_length``: the body goes from memory, the client sets its ``Content-Length``;
+    ``drop_length``: the body goes from memory, the gateway's HTTP client sets its ``Content-Length``;
     ``forwarded``: the gateway's own headers, appended last.
     """
     out: list[tuple[str, str]] = []

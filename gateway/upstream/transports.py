@@ -43,7 +43,6 @@ from gateway.upstream.response import (
     UpstreamResponse,
 )
 
-CHUNK = 64 * 1024
 #: The connect phase is bounded by this, or by the request's own timeout if shorter.
 CONNECT_TIMEOUT = 10.0
 
@@ -203,7 +202,6 @@ async def close() -> None:
 
 
 __all__ = [
-    "CHUNK",
     "H1",
     "STREAMING",
     "H1Transport",

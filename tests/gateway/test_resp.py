@@ -333,7 +333,7 @@ async def test_tls_is_chosen_by_the_scheme(tls_port: int) -> None:
         ("redis://localhost:6379/0?ssl_ca_certs=/etc/ca.pem", "rediss://"),
         ("rediss://localhost:6379/0?ssl_cert_reqs=maybe", "Certificate Requirements"),
         ("rediss://localhost:6379/0?ssl_ocsp_context=x", "ssl_ocsp_context"),
-        ("redis://localhost:6379/0?protocol=3", "protocol=2"),
+        ("redis://localhost:6379/0?ssl=true", "rediss://"),
         ("redis://localhost:6379/0?frobnicate=1", "frobnicate"),
     ],
 )
@@ -348,3 +348,5 @@ def test_a_missing_ca_file_is_reported_by_the_check(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedRedisURL, match="cannot set up TLS"):
         check_url(f"rediss://localhost:6380/0?ssl_ca_certs={tmp_path / 'absent.pem'}")
     check_url("redis://localhost:6379/0?socket_timeout=1&max_connections=5")  # pool tuning: fine
+    # How redis-py's own clients decode answers: nothing the pipelined connection uses.
+    check_url("redis://localhost:6379/0?decode_responses=true&protocol=3")

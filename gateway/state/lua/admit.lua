@@ -1,6 +1,6 @@
 -- Rate limit and breaker peek in one round trip (gateway.policies.admission).
 -- KEYS: the breaker's state hash and probe leases, then the rate-limit scopes.
--- ARGV: now, member, mode (the rate limit's header), shadow ('1': peek even when
+-- ARGV: now, member, mode (the rate limit's leading arguments), shadow ('1': peek even when
 -- refused), the breaker's now and recovery timeout, then the scopes' triples.
 -- Reply: {rate-limit reply} when refused, else {rate-limit reply, peek reply or nil}.
 local limits = rate_limit(KEYS, 2, ARGV, 6)
