@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 from gateway.config.shapes import BreakerSettings
 from gateway.config.validation import validate_module_url
 
-log = logging.getLogger("gateway.config.modules")
+log = logging.getLogger("gateway.modules")
 
 CODE_MODULES: dict[str, str] = {
     "madre": "http://127.0.0.1:8001",

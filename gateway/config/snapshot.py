@@ -50,7 +50,7 @@ from gateway.state import store
 if TYPE_CHECKING:
     from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteWrapper
 
-log = logging.getLogger("gateway.config.snapshot")
+log = logging.getLogger("gateway.snapshot")
 _serials = itertools.count(1)
 
 

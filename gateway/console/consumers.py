@@ -44,7 +44,7 @@ from gateway.operations import events
 from gateway.operations import registry as services
 from gateway.operations.breakers import UNKNOWN_HEALTH, health_rows
 
-log = logging.getLogger("gateway.console.consumers")
+log = logging.getLogger("gateway.consumers")
 
 CLOSE_AUTH_REQUIRED = 4401
 CLOSE_FORBIDDEN = 4403

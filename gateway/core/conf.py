@@ -12,6 +12,7 @@ without documentation fails CI.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any, Literal, cast
 
 from gateway.core.knobs import Kind as Kind
@@ -304,12 +305,13 @@ def readme_with_knobs(readme: str) -> str:
     return head + start + knob_table() + end + tail
 
 
+#: The project's README, whose knob table ``python -m gateway.core.conf --readme`` refreshes.
+README = Path(__file__).resolve().parents[2] / "README.md"
+
 if __name__ == "__main__":
     import sys
-    from pathlib import Path
 
     if sys.argv[1:] == ["--readme"]:  # python -m gateway.core.conf --readme: refresh README.md
-        path = Path(__file__).resolve().parent.parent / "README.md"
-        path.write_text(readme_with_knobs(path.read_text()))
+        README.write_text(readme_with_knobs(README.read_text()))
     else:
         print(reference_markdown(), end="")

@@ -21,7 +21,7 @@ from channels.layers import get_channel_layer
 from gateway.core import metrics
 from gateway.models import BreakerState, BreakerTransition
 
-log = logging.getLogger("gateway.operations.events")
+log = logging.getLogger("gateway.events")
 GROUP = "vx11.events"
 QUEUE_MAX = 10_000
 

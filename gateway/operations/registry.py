@@ -61,7 +61,7 @@ from gateway.state import store
 from gateway.state.loops import PerLoop
 from gateway.state.resp import ScriptRunner
 
-log = logging.getLogger("gateway.operations.registry")
+log = logging.getLogger("gateway.services")
 #: This process, as named in the ``BreakerCommand`` rows it issued (and applied) itself.
 PROCESS_ID = uuid.uuid4().hex
 

@@ -22,7 +22,7 @@ from gateway.core.deadline import answered, default_cap
 from gateway.state.loops import PerLoop
 from gateway.state.resp import PipelinedRedis
 
-log = logging.getLogger("gateway.state.store")
+log = logging.getLogger("gateway.store")
 
 _async_clients: PerLoop[aioredis.Redis] = PerLoop()
 _script_clients: PerLoop[PipelinedRedis] = PerLoop()

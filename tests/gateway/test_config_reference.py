@@ -3,7 +3,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.core.conf import KNOBS, readme_with_knobs, reference_markdown
+from gateway.core.conf import KNOBS, README, readme_with_knobs, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,3 +32,9 @@ def test_every_vx11_variable_the_code_reads_is_documented():
         found |= set(re.findall(r"[\"'](VX11_[A-Z0-9_]+)[\"']", path.read_text()))
     found = {name for name in found if not name.startswith("VX11_MODULE_")}
     assert found - documented == set()
+
+
+def test_the_readme_command_finds_the_projects_readme() -> None:
+    """``python -m gateway.core.conf --readme`` rewrites this file, not one beside the module."""
+    assert Path(__file__).resolve().parents[2] / "README.md" == README
+    assert "<!-- knobs:start -->" in README.read_text()
