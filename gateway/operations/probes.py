@@ -66,7 +66,9 @@ async def probe(
     """One ``GET url+health_path``; 2xx passes. Latency (body read) is measured on ``timer``."""
     at = wall()
     started = timer()
-    request = OutboundRequest("GET", info.health_path, [("User-Agent", USER_AGENT), ("Accept", "*/*")], None, timeout)
+    request = OutboundRequest(
+        "GET", info.health_path, [("User-Agent", USER_AGENT), ("Accept", "*/*")], None, timeout
+    )
     try:
         response = await send(info, request, client)
         try:
