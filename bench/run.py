@@ -1,6 +1,6 @@
 """Benchmark: the gateway against a bare aiohttp reverse proxy, in one run.
 
-    ./run bench [--duration 10] [--connections 32] [--redis] [--intent task]
+    ./run bench [--duration 10] [--connections 32] [--redis] [--intent task] [--sessions N]
 
 Starts a fast upstream, the reference proxy and the gateway (one uvicorn worker,
 uvloop + httptools, every feature that exists switched on), drives each with
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +40,9 @@ class Result:
     cpu_us_per_req: float | None
     errors: int
     non_2xx: int
+    #: Connections to the upstream opened by the measured proxy during the run (warm-up
+    #: included): keep-alive reuse shows as about the number of wrk connections.
+    upstream_connections: int | None = None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -55,15 +59,42 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
+def lua_script(headers: dict[str, str], sessions: int) -> str:
+    """wrk's script: the POST, and with ``sessions`` > 1 a body naming the next of that many
+    Context-7 sessions in turn (``bench-1`` … ``bench-N``)."""
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(BODY)}"]
+    lines.append('wrk.headers["Content-Type"] = "application/json"')
+    lines += [f'wrk.headers["{key}"] = "{value}"' for key, value in headers.items()]
+    if sessions > 1:
+        lines += [
+            "local n = 0",
+            "request = function()",
+            f"  n = n % {sessions} + 1",
+            "  return wrk.format(nil, nil, nil,",
+            """    '{"prompt":"benchmark","session_id":"bench-' .. n .. '"}')""",
+            "end",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def upstream_connections(upstream_url: str) -> int:
+    """How many connections have sent the bench upstream a request so far."""
+    url = upstream_url + "/_bench/connections"  # http://127.0.0.1:PORT, built by this script
+    with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310
+        return int(json.loads(answer.read())["connections"])
+
+
 def wrk(
-    name: str, url: str, duration: int, connections: int, pid: int | None, headers: dict[str, str]
+    name: str,
+    url: str,
+    duration: int,
+    connections: int,
+    pid: int | None,
+    headers: dict[str, str],
+    sessions: int = 1,
 ) -> Result:
     lua = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    lua.write('wrk.method = "POST"\n')
-    lua.write(f"wrk.body = {json.dumps(BODY)}\n")
-    lua.write('wrk.headers["Content-Type"] = "application/json"\n')
-    for key, value in headers.items():
-        lua.write(f'wrk.headers["{key}"] = "{value}"\n')
+    lua.write(lua_script(headers, sessions))
     lua.close()
     # Warm-up (pools, snapshot, JIT-free caches), not measured.
     subprocess.run(
@@ -113,6 +144,12 @@ def main() -> int:
         help="task (no Context-7) or chat (Context-7 session on every call)",
     )
     parser.add_argument(
+        "--sessions",
+        type=int,
+        default=1,
+        help="With --intent chat: spread the calls over this many sessions in turn (default 1)",
+    )
+    parser.add_argument(
         "--env",
         action="append",
         default=[],
@@ -158,6 +195,7 @@ def main() -> int:
         )
         procs.append(gateway)
         path = f"/vx11/route/{args.intent}"
+        gw_headers = {"X-VX11-Token": TOKEN}
         results = [
             wrk(
                 "direct upstream",
@@ -166,24 +204,16 @@ def main() -> int:
                 args.connections,
                 procs[0].pid,
                 {},
-            ),
-            wrk(
-                "bare aiohttp proxy",
-                f"http://127.0.0.1:{ref_port}{path}",
-                args.duration,
-                args.connections,
-                ref.pid,
-                {},
-            ),
-            wrk(
-                "vx11 gateway",
-                f"http://127.0.0.1:{gw_port}{path}",
-                args.duration,
-                args.connections,
-                gateway.pid,
-                {"X-VX11-Token": TOKEN},
-            ),
+            )
         ]
+        for name, url, pid, headers in (
+            ("bare aiohttp proxy", f"http://127.0.0.1:{ref_port}{path}", ref.pid, {}),
+            ("vx11 gateway", f"http://127.0.0.1:{gw_port}{path}", gateway.pid, gw_headers),
+        ):
+            before = upstream_connections(upstream_url)
+            result = wrk(name, url, args.duration, args.connections, pid, headers, args.sessions)
+            result.upstream_connections = upstream_connections(upstream_url) - before
+            results.append(result)
     finally:
         for proc in procs:
             proc.terminate()
@@ -195,16 +225,21 @@ def main() -> int:
         if redis is not None:
             redis.close()
     direct, ref_result, gw_result = results
+    sessions = f", {args.sessions} sessions in turn" if args.sessions > 1 else ""
     print(
         f"\nPOST {path}, {args.connections} connections, {args.duration}s each, "
-        f"state: {'redis' if args.redis else 'in-process'}"
+        f"state: {'redis' if args.redis else 'in-process'}{sessions}"
     )
-    print(f"{'':20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/req':>11} {'errors':>7}")
+    print(
+        f"{'':20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/req':>11} {'errors':>7}"
+        f" {'upstream conns':>15}"
+    )
     for r in results:
         cpu = f"{r.cpu_us_per_req:.0f}" if r.cpu_us_per_req is not None else "-"
+        conns = "-" if r.upstream_connections is None else str(r.upstream_connections)
         print(
             f"{r.name:20} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {cpu:>11} "
-            f"{r.errors + r.non_2xx:7d}"
+            f"{r.errors + r.non_2xx:7d} {conns:>15}"
         )
     ratio = gw_result.rps / ref_result.rps
     print(f"\ngateway / bare aiohttp proxy req/s: {ratio:.2f}x")
@@ -217,6 +252,7 @@ def main() -> int:
             {
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "intent": args.intent,
+                "sessions": args.sessions,
                 "redis": args.redis,
                 "connections": args.connections,
                 "duration": args.duration,

@@ -15,11 +15,21 @@ PAYLOAD = b'{"module":"switch","response":"ok","tokens":[1,2,3,4,5,6,7,8]}'
 
 
 def upstream(port: int) -> None:
+    peers: set[object] = set()  # (ip, port) of every connection that sent a request
+
     async def answer(request: web.Request) -> web.Response:
         await request.read()
+        if request.transport is not None:
+            peers.add(request.transport.get_extra_info("peername"))
         return web.Response(body=PAYLOAD, content_type="application/json")
 
+    async def stats(request: web.Request) -> web.Response:
+        """``GET /_bench/connections``: connections that sent requests so far (keep-alive
+        reuse shows as a small number)."""
+        return web.json_response({"connections": len(peers)})
+
     app = web.Application()
+    app.router.add_get("/_bench/connections", stats)
     app.router.add_route("*", "/{tail:.*}", answer)
     web.run_app(
         app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop()
