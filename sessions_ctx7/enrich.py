@@ -7,8 +7,9 @@
 user's message and returns the body to send upstream: the client's object plus
 ``session_id`` and ``metadata.context_summary`` / ``metadata.topic``.
 ``finish`` records the assistant's reply of a 2xx JSON answer and adds
-``session_id`` to the answer when it has none. The database work runs in a
-worker thread (three statements per call, see :mod:`sessions_ctx7.services`).
+``session_id`` to the answer when it has none. The database work runs in the
+process's Context-7 writer (:mod:`sessions_ctx7.writer`: one thread, many turns per
+commit; three statements per call, see :mod:`sessions_ctx7.services`).
 Whether Context-7 is on (``VX11_CONTEXT7_ENABLED``, the route's ``context7``)
 is the pipeline's decision: it does not call this module at all when off.
 """
@@ -17,19 +18,18 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import uuid4
 
 import orjson
-from asgiref.sync import sync_to_async
-from django.db import DatabaseError, connection
+from django.db import DatabaseError
 
 from gateway.core import correlation
 from gateway.core.problems import InvalidRequest
 from sessions_ctx7 import services
+from sessions_ctx7.writer import writer
 
 log = logging.getLogger("sessions_ctx7")
 MESSAGE_FIELDS = ("message", "prompt")
@@ -48,21 +48,6 @@ class Turn:
     summary: str
     created: bool  # the id was unknown and a session was created for it
     restarted: bool  # the id named an expired session, which started over
-
-
-def _run[T](fn: Callable[[], T]) -> T:
-    """Worker-thread side: drop a broken connection (database restarted) before use."""
-    if (
-        connection.connection is not None
-        and connection.errors_occurred
-        and not connection.is_usable()
-    ):
-        connection.close()
-    return fn()
-
-
-async def _in_thread[T](fn: Callable[[], T]) -> T:
-    return await sync_to_async(_run, thread_sensitive=False)(fn)
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -123,7 +108,7 @@ async def begin(
         # holds stay identical, and the answer is the same on SQLite and PostgreSQL.
         raise InvalidRequest("The message must not contain NUL characters (\\u0000).")
     meta = {"correlation_id": correlation.current.get()}
-    opened = await _in_thread(
+    opened = await writer.run(
         functools.partial(services.open_turn, owner, session_id, content, now=now, metadata=meta)
     )
     client_meta = data.get("metadata")
@@ -178,7 +163,7 @@ async def finish(
             reply = reply.replace(NUL, REPLACEMENT)  # storable copy, on every database
         meta = {"correlation_id": correlation.current.get(), "status": status}
         try:
-            await _in_thread(
+            await writer.run(
                 functools.partial(
                     services.append,
                     turn.session_pk,

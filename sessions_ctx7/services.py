@@ -5,6 +5,10 @@ runs these in a worker thread; the API, the admin and ``purge_context7`` call
 them directly. Every function that depends on the time takes ``now=`` so tests
 pin the clock.
 
+The statements of a turn on an existing session go through
+:mod:`sessions_ctx7.statements` (SQL rendered once, values prepared by the fields); the
+rare paths use the ORM.
+
 Concurrency: a turn locks its session row (``SELECT … FOR UPDATE`` on
 PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers) before it reads
 the message counter, so concurrent appends on one session queue up instead of
@@ -24,6 +28,7 @@ from django.utils import timezone
 
 from gateway.core.conf import gw
 from gateway.core.problems import Forbidden, NotFound
+from sessions_ctx7 import statements
 from sessions_ctx7.models import Message, Session
 from sessions_ctx7.topics import classify_topic as classify_topic  # re-exported
 
@@ -129,9 +134,8 @@ def summary_of(recent: list[Any]) -> str:
 # --------------------------------------------------------------------------- turns
 
 
-def _locked(session_filter: dict[str, Any]) -> Session | None:
-    rows = list(Session.objects.select_for_update().filter(**session_filter).order_by()[:1])
-    return rows[0] if rows else None
+def _locked(by: str, value: object) -> Session | None:
+    return statements.lock_session(by, value)
 
 
 def _push(
@@ -146,20 +150,14 @@ def _push(
     """
     session.seq += 1
     seq = session.seq
-    fields: dict[str, Any] = {
-        "role": role,
-        "content": content,
-        "metadata": metadata,
-        "created_at": now,
-    }
     if session.message_count < cap:
-        Message.objects.create(session_id=session.pk, seq=seq, **fields)
+        statements.insert_message(session.pk, seq, role, content, metadata, now)
         session.message_count += 1
     elif not (
         session.message_count == cap
-        and Message.objects.filter(session_id=session.pk, seq=seq - cap).update(seq=seq, **fields)
+        and statements.recycle_message(session.pk, seq - cap, seq, role, content, metadata, now)
     ):
-        Message.objects.create(session_id=session.pk, seq=seq, **fields)
+        statements.insert_message(session.pk, seq, role, content, metadata, now)
         Message.objects.filter(session_id=session.pk, seq__lte=seq - cap).delete()
         session.message_count = Message.objects.filter(session_id=session.pk).count()
     session.recent = [*session.recent, [role, snippet(content)]][-SUMMARY_MESSAGES:]
@@ -197,7 +195,7 @@ def _open_turn(
     owner: str, session_id: str, content: str | None, now: datetime, metadata: dict[str, Any]
 ) -> Opened:
     cap = gw.context7_max_messages
-    session = _locked({"session_id": session_id})
+    session = _locked("session_id", session_id)
     created = restarted = False
     if session is None:
         created = True
@@ -233,7 +231,7 @@ def _open_turn(
     else:
         if content is not None:
             _push(session, "user", content, metadata, now, cap)
-        session.save(update_fields=SAVED_FIELDS)
+        statements.save_session(session, SAVED_FIELDS)
     return Opened(
         session.pk,
         session.session_id,
@@ -261,13 +259,13 @@ def append(
     """
     now = resolve_now(now)
     with transaction.atomic():
-        session = _locked({"pk": pk})
+        session = _locked("pk", pk)
         if session is None or session.created_at != generation or session.is_expired(now):
             return False
         _push(session, role, content, metadata or {}, now, gw.context7_max_messages)
         session.last_activity = now
         session.expires_at = expires_at_for(session.created_at, now)
-        session.save(update_fields=SAVED_FIELDS)
+        statements.save_session(session, SAVED_FIELDS)
     return True
 
 

@@ -35,6 +35,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "gateway.operations",
             "sessions_ctx7.services",
             "sessions_ctx7.topics",
+            "sessions_ctx7.writer",
+            "sessions_ctx7.statements",
             "sessions_ctx7.enrich",
         ),
     ),
