@@ -109,7 +109,8 @@ async def begin(
         raise InvalidRequest("The message must not contain NUL characters (\\u0000).")
     meta = {"correlation_id": correlation.current.get()}
     opened = await writer.run(
-        functools.partial(services.open_turn, owner, session_id, content, now=now, metadata=meta)
+        functools.partial(services.open_turn, owner, session_id, content, now=now, metadata=meta),
+        key=session_id,
     )
     client_meta = data.get("metadata")
     if isinstance(client_meta, dict):
@@ -172,7 +173,8 @@ async def finish(
                     generation=turn.generation,
                     now=now,
                     metadata=meta,
-                )
+                ),
+                key=turn.session_id,
             )
         except DatabaseError:
             log.warning(

@@ -20,13 +20,16 @@ Every name in the SQL comes from the models' own metadata, quoted by the backend
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
-from django.db import connection
+from django.db import OperationalError, connection
 from django.db.models import Field, Model
 
 from sessions_ctx7.models import Message, Session
+
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for NOWAIT on a locked row
 
 
 def _table(model: type[Model]) -> str:
@@ -45,9 +48,21 @@ def _column(model: type[Model], name: str) -> str:
     return connection.ops.quote_name(column)
 
 
+#: Set by the writer while it runs a batch: a row another transaction holds is not waited
+#: for (``FOR UPDATE NOWAIT``, PostgreSQL); the turn is run again on its own instead, so
+#: the batch's other sessions never wait for that one's lock.
+in_batch = threading.local()
+
+
+class RowBusy(Exception):
+    """The session row is locked by another transaction (raised only inside a batch)."""
+
+
 @functools.cache
-def _select_sql(vendor: str, by: str) -> str:
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+def _select_sql(vendor: str, by: str, nowait: bool) -> str:
+    lock = ""
+    if connection.features.has_select_for_update:
+        lock = " FOR UPDATE NOWAIT" if nowait else " FOR UPDATE"
     table, column = _table(Session), _column(Session, by)
     return f"SELECT * FROM {table} WHERE {column} = %s LIMIT 1{lock}"  # noqa: S608
 
@@ -56,7 +71,14 @@ def lock_session(by: str, value: object) -> Session | None:
     """The session row with ``by`` (``session_id`` or ``pk``) = ``value``, locked for the
     transaction (``SELECT … FOR UPDATE``; SQLite's write lock is the transaction's own)."""
     column = "id" if by == "pk" else by
-    rows = list(Session.objects.raw(_select_sql(connection.vendor, column), [value]))
+    nowait = getattr(in_batch, "active", False) and connection.features.has_select_for_update_nowait
+    sql = _select_sql(connection.vendor, column, nowait)
+    try:
+        rows = list(Session.objects.raw(sql, [value]))
+    except OperationalError as exc:
+        if nowait and getattr(exc.__cause__, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise RowBusy(str(value)) from exc
+        raise
     return rows[0] if rows else None
 
 
@@ -127,4 +149,11 @@ def save_session(session: Session, names: Sequence[str]) -> None:
         cursor.execute(_update_sql(connection.vendor, fields), [*values, session.pk])
 
 
-__all__ = ["insert_message", "lock_session", "recycle_message", "save_session"]
+__all__ = [
+    "RowBusy",
+    "in_batch",
+    "insert_message",
+    "lock_session",
+    "recycle_message",
+    "save_session",
+]

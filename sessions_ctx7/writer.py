@@ -12,10 +12,12 @@ job's refusal (a 403, a race lost) rolls back that job only. So:
 - **durable**: a request is answered only after the commit that holds its turn (the
   same promise as before, one commit shared by many requests);
 - **ordered**: jobs of one session run in the order they were submitted;
-- **no lock waits between unrelated sessions** inside a process: there is one writer,
-  so no two of this process's transactions ever wait for each other; across processes
-  the batch holds its row locks for one short transaction (PostgreSQL), or the database
-  file's write lock (SQLite), as one turn did before;
+- **no lock waits between unrelated sessions**: inside a process there is one writer, so
+  no two of its transactions wait for each other; on PostgreSQL a batch reads each
+  session row with ``FOR UPDATE NOWAIT``, and a turn whose row another transaction holds
+  is taken out of the batch (with any later turn of that session) and run on its own
+  afterwards, so the batch's other sessions never wait for it. SQLite has one write lock
+  for the whole file: a batch waits for it as one turn did before;
 - **failures stay as they were**: a job's own exception reaches its request unchanged;
   a failed commit (the database went away) reaches every request of the batch as the
   ``DatabaseError`` it is, and the next batch starts on a fresh connection.
@@ -36,6 +38,8 @@ from typing import Any
 
 from django.db import connection, transaction
 
+from sessions_ctx7 import statements
+
 log = logging.getLogger("sessions_ctx7")
 
 #: Jobs committed together at most; a longer queue is taken in several transactions.
@@ -47,6 +51,7 @@ class Job:
     fn: Callable[[], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    key: str | None  # the session it writes: one session's jobs keep their order
     result: Any = None
     error: BaseException | None = None
 
@@ -62,31 +67,41 @@ def _deliver(job: Job) -> None:
 
 
 class Writer:
-    """The process's Context-7 writer thread (started on first use)."""
+    """The process's Context-7 writer thread (started on first use), and a second thread
+    for the turns whose session row another transaction holds ("parked")."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._waiting: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: dict[str, threading.Thread] = {}
+        #: Sessions with parked turns, and how many: their later turns queue behind them.
+        self._parked: dict[str, int] = {}
 
-    async def run[T](self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` (database work, synchronous) in the next batch; its result once committed."""
+    async def run[T](self, fn: Callable[[], T], key: str | None = None) -> T:
+        """Run ``fn`` (database work, synchronous) in the next batch; its result once committed.
+
+        ``key``: the session the job writes (jobs of one key are applied in order even
+        when one of them has to wait for a row lock)."""
         loop = asyncio.get_running_loop()
-        job = Job(fn, loop, loop.create_future())
-        self._ensure_thread()
+        job = Job(fn, loop, loop.create_future(), key)
+        self._ensure_threads()
         self._jobs.put(job)
         result: T = await job.future
         return result
 
-    def _ensure_thread(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
+    def _ensure_threads(self) -> None:
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._serve, name="context7-writer", daemon=True
-                )
-                self._thread.start()
+            for name, target in (("context7-writer", self._serve), ("context7-parked", self._wait)):
+                thread = self._threads.get(name)
+                if thread is None or not thread.is_alive():
+                    thread = threading.Thread(target=target, name=name, daemon=True)
+                    self._threads[name] = thread
+                    thread.start()
+
+    def _is_parked(self, key: str) -> bool:
+        with self._lock:
+            return key in self._parked
 
     def _serve(self) -> None:
         while True:
@@ -96,33 +111,78 @@ class Writer:
                     batch.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            self._commit(batch)
+            busy = self._commit(batch, nowait=True, parked=self._is_parked)
             for job in batch:
-                job.loop.call_soon_threadsafe(_deliver, job)
+                if job not in busy:
+                    job.loop.call_soon_threadsafe(_deliver, job)
+            with self._lock:
+                for job in busy:
+                    assert job.key is not None
+                    self._parked[job.key] = self._parked.get(job.key, 0) + 1
+            for job in busy:
+                self._waiting.put(job)
+
+    def _wait(self) -> None:
+        """Parked turns, one transaction each, waiting for their row like any turn did."""
+        while True:
+            job = self._waiting.get()
+            self._commit([job], nowait=False, parked=None)
+            job.loop.call_soon_threadsafe(_deliver, job)
+            assert job.key is not None
+            with self._lock:
+                left = self._parked[job.key] - 1
+                if left:
+                    self._parked[job.key] = left
+                else:
+                    del self._parked[job.key]
 
     @staticmethod
-    def _commit(batch: list[Job]) -> None:
+    def _commit(
+        jobs: list[Job], *, nowait: bool, parked: Callable[[str], bool] | None
+    ) -> list[Job]:
+        """Run ``jobs`` in one transaction; return those put off because their session's
+        row was locked by another transaction (``nowait``: PostgreSQL's ``NOWAIT``) or
+        because the session already has parked turns — in order, with every later job of
+        such a session, so the turns of one session keep their order."""
         if (
             connection.connection is not None
             and connection.errors_occurred
             and not connection.is_usable()
         ):
             connection.close()  # the database restarted: start the batch on a new connection
+        busy: list[Job] = []
+        busy_keys: set[str] = set()
+        statements.in_batch.active = nowait
         try:
             with transaction.atomic():
-                for job in batch:
+                for job in jobs:
+                    key = job.key
+                    if key is not None and (
+                        key in busy_keys or (parked is not None and parked(key))
+                    ):
+                        busy.append(job)
+                        busy_keys.add(key)
+                        continue
                     try:
                         job.result = job.fn()  # atomic itself: a savepoint of the batch
+                    except statements.RowBusy:
+                        if key is None:
+                            raise
+                        busy.append(job)
+                        busy_keys.add(key)
                     except Exception as exc:
                         job.error = exc
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
-            for job in batch:
-                if job.error is None:
+            for job in jobs:
+                if job.error is None and job not in busy:
                     job.error = exc
         except BaseException as exc:  # pragma: no cover - the thread must keep serving
             log.exception("context7 writer: batch aborted")
-            for job in batch:
+            for job in jobs:
                 job.error = job.error or exc
+        finally:
+            statements.in_batch.active = False
+        return busy
 
 
 writer = Writer()
