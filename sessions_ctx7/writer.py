@@ -29,6 +29,7 @@ binlog group commit) done one level up, where the gateway can see the requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -54,6 +55,13 @@ class Job:
     key: str | None  # the session it writes: one session's jobs keep their order
     result: Any = None
     error: BaseException | None = None
+
+
+def _hand_over(job: Job) -> None:
+    """From a writer thread: schedule the delivery on the request's loop (a loop that has
+    closed meanwhile — its request is gone — is skipped, not fatal to the thread)."""
+    with contextlib.suppress(RuntimeError):
+        job.loop.call_soon_threadsafe(_deliver, job)
 
 
 def _deliver(job: Job) -> None:
@@ -114,7 +122,7 @@ class Writer:
             busy = self._commit(batch, nowait=True, parked=self._is_parked)
             for job in batch:
                 if job not in busy:
-                    job.loop.call_soon_threadsafe(_deliver, job)
+                    _hand_over(job)
             with self._lock:
                 for job in busy:
                     assert job.key is not None
@@ -127,7 +135,7 @@ class Writer:
         while True:
             job = self._waiting.get()
             self._commit([job], nowait=False, parked=None)
-            job.loop.call_soon_threadsafe(_deliver, job)
+            _hand_over(job)
             assert job.key is not None
             with self._lock:
                 left = self._parked[job.key] - 1
