@@ -9,7 +9,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from django.conf import settings
 
@@ -69,17 +69,22 @@ def stop_supervisor() -> None:
         os.kill(parent.pid, signal.SIGTERM)
 
 
+def refuse_to_start(reason: str) -> NoReturn:
+    """Stop loading: the reason on stderr, the supervisor told not to respawn workers."""
+    message = f"VX11 Gateway refuses to start: {reason}"
+    print(message, file=sys.stderr, flush=True)
+    stop_supervisor()
+    raise SystemExit(message)
+
+
 def check_production_auth() -> None:
     """Auth on, no token, DEBUG off: refuse to load (the server exits with the reason)."""
     if gw.auth_enabled and not gw.token and not settings.DEBUG:
-        message = (
-            "VX11 Gateway refuses to start: authentication is on but VX11_TOKEN is empty. "
+        refuse_to_start(
+            "authentication is on but VX11_TOKEN is empty. "
             "Set VX11_TOKEN to one or more secret tokens (comma-separated), or "
             "VX11_AUTH_ENABLED=false for development only."
         )
-        print(message, file=sys.stderr, flush=True)
-        stop_supervisor()
-        raise SystemExit(message)
     if not gw.auth_enabled:
         log.warning(
             "AUTHENTICATION IS DISABLED (VX11_AUTH_ENABLED=false): development only, "
@@ -96,10 +101,7 @@ def check_store_url() -> None:
     try:
         check_url(gw.redis_url)
     except UnsupportedRedisURL as exc:
-        message = f"VX11 Gateway refuses to start: {exc}"
-        print(message, file=sys.stderr, flush=True)
-        stop_supervisor()
-        raise SystemExit(message) from None
+        refuse_to_start(str(exc))
 
 
 # The head limits (``MAX_HEADER_BYTES``, ``MAX_HEADER_COUNT``, ``HeadersTooLarge``) live in

@@ -134,10 +134,6 @@ def summary_of(recent: list[Any]) -> str:
 # --------------------------------------------------------------------------- turns
 
 
-def _locked(by: str, value: object) -> Session | None:
-    return statements.lock_session(by, value)
-
-
 def _push(
     session: Session, role: str, content: str, metadata: dict[str, Any], now: datetime, cap: int
 ) -> None:
@@ -195,7 +191,7 @@ def _open_turn(
     owner: str, session_id: str, content: str | None, now: datetime, metadata: dict[str, Any]
 ) -> Opened:
     cap = gw.context7_max_messages
-    session = _locked("session_id", session_id)
+    session = statements.lock_session("session_id", session_id)
     created = restarted = False
     if session is None:
         created = True
@@ -259,7 +255,7 @@ def append(
     """
     now = resolve_now(now)
     with transaction.atomic():
-        session = _locked("pk", pk)
+        session = statements.lock_session("pk", pk)
         if session is None or session.created_at != generation or session.is_expired(now):
             return False
         _push(session, role, content, metadata or {}, now, gw.context7_max_messages)

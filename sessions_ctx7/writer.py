@@ -120,8 +120,9 @@ class Writer:
                 except queue.Empty:
                     break
             busy = self._commit(batch, nowait=True, parked=self._is_parked)
+            put_off = set(map(id, busy))
             for job in batch:
-                if job not in busy:
+                if id(job) not in put_off:
                     _hand_over(job)
             with self._lock:
                 for job in busy:
@@ -181,8 +182,9 @@ class Writer:
                     except Exception as exc:
                         job.error = exc
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
+            put_off = set(map(id, busy))
             for job in jobs:
-                if job.error is None and job not in busy:
+                if job.error is None and id(job) not in put_off:
                     job.error = exc
         except BaseException as exc:  # pragma: no cover - the thread must keep serving
             log.exception("context7 writer: batch aborted")
