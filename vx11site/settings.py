@@ -66,6 +66,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "gateway.console.middleware.CorrelationMiddleware",
+    "gateway.console.cors.CorsMiddleware",  # SPEC §22, the proxy paths' rules (gateway.core.cors)
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -241,18 +242,27 @@ LOGGING = {
             "()": "pythonjsonlogger.json.JsonFormatter",
             "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s",
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
-        }
+        },
+        # The access log (gateway/edge/accesslog.py): the message is the JSON object itself.
+        "access": {"format": "%(message)s"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
             "formatter": "json",
             "filters": ["correlation"],
-        }
+        },
+        "access": {
+            "class": "logging.StreamHandler",
+            "formatter": "access",
+            "stream": "ext://sys.stdout",
+        },
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.request": {"level": "ERROR"},
         "uvicorn.access": {"level": "WARNING"},
+        # VX11_ACCESS_LOG=true: one JSON line per proxied request, whatever VX11_LOG_LEVEL says.
+        "gateway.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
     },
 }

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from gateway.core.cors import parse_origins
 from gateway.core.knobs import Kind as Kind
 from gateway.core.knobs import Knob as Knob
 from gateway.core.knobs import knob
@@ -206,6 +207,19 @@ class GatewaySettings:
     )
     port = knob("VX11_PORT", 8000, "Port of the development run (`./run dev`).", minimum=1)
     access_log = knob("VX11_ACCESS_LOG", False, "One JSON log line per proxied request.")
+    # --- browser clients (CORS, SPEC §22) ------------------------------------
+    cors_allowed_origins = knob(
+        "VX11_CORS_ALLOWED_ORIGINS",
+        [],
+        "Origins (scheme://host[:port], comma-separated) whose browser clients may call the "
+        "gateway; empty: no CORS headers at all.",
+        convert=parse_origins,
+    )
+    cors_allow_credentials = knob(
+        "VX11_CORS_ALLOW_CREDENTIALS",
+        False,
+        "Send Access-Control-Allow-Credentials: true to allowed origins (cookies, staff session).",
+    )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -21,11 +21,12 @@ from gateway.core import correlation, metrics
 from gateway.core.asgi import Receive, Scope, Send, send_bytes
 from gateway.core.conf import gw
 from gateway.core.problems import GatewayError, InternalError
-from gateway.edge import pipeline, router
+from gateway.edge import accesslog, pipeline, router
 from gateway.edge.answer import Downstream
 from gateway.edge.body import ClientGone
 from gateway.edge.call import SHUB_PREFIX, Call
 from gateway.edge.headers import RequestHead
+from gateway.edge.observed import Observed, answer_preflight, observe
 from gateway.edge.request import Request
 
 log = logging.getLogger("gateway.proxy")
@@ -43,8 +44,15 @@ class ProxyApp:
         token = correlation.current.set(request.cid)
         started = time.monotonic()
         downstream = Downstream(send)
+        preflight = False
+        if gw.cors_allowed_origins or gw.access_log:  # both off: this check is all they cost
+            downstream, receive = observe(request, send, receive)
+            preflight = downstream.preflight
         call: Call | None = None
         try:
+            if preflight:  # CORS, from an allowed origin: answered here, never forwarded
+                await answer_preflight(downstream, request)
+                return
             call = await router.build(request)
             await pipeline.handle(call, receive, downstream)
         except GatewayError as raised:
@@ -72,7 +80,7 @@ class ProxyApp:
             if not downstream.status:
                 await send_problem(downstream, InternalError(), request.cid, call)
         finally:
-            record(request, call, downstream.status, time.monotonic() - started)
+            record(request, call, downstream.status, time.monotonic() - started, downstream)
             correlation.current.reset(token)
 
     async def build_call(self, scope: Scope, cid: str, head: RequestHead | None = None) -> Call:
@@ -96,8 +104,15 @@ async def send_problem(send: Send, exc: GatewayError, cid: str, call: Call | Non
     await send_bytes(send, status, raw, body)
 
 
-def record(request: Request, call: Call | None, status: int, seconds: float) -> None:
-    """Metrics and the optional access log for one proxied request."""
+def record(
+    request: Request,
+    call: Call | None,
+    status: int,
+    seconds: float,
+    downstream: Downstream | None = None,
+) -> None:
+    """Metrics and the optional access log (``gateway.edge.accesslog``) for one proxied
+    request; without the access log, a request slower than 1 s is still logged here."""
     path = request.path
     if path.startswith(SHUB_PREFIX):
         metrics.shub_request(path, request.method, status, seconds)
@@ -105,7 +120,17 @@ def record(request: Request, call: Call | None, status: int, seconds: float) -> 
         intent = call.route.intent if call is not None and call.route is not None else "unknown"
         module = call.module.name if call is not None else "none"
         metrics.request(intent, module, status, call.upstream_seconds if call is not None else None)
-    if gw.access_log or seconds > 1.0:
+    if gw.access_log:
+        counted = downstream if isinstance(downstream, Observed) else None
+        accesslog.write(
+            request,
+            call,
+            status,
+            seconds,
+            counted.bytes_in if counted is not None else request.length,
+            counted.bytes_out if counted is not None else None,
+        )
+    elif seconds > 1.0:
         log.info(
             "proxied request",
             extra={
