@@ -2,6 +2,7 @@
 
     git worktree add /tmp/before <commit>
     .venv/bin/python -m bench.ab --before /tmp/before [--redis] [--bursts 8] [--seconds 3]
+        [--intent chat [--sessions 32]] [--env DATABASE_URL=…]
 
 ``bench.run`` compares the gateway with a bare proxy run after it; on a noisy machine the
 reference itself moves by ±10 % between runs, and so does the ratio. Here both gateways
@@ -20,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.run import TOKEN, cpu_seconds
+from bench.run import TOKEN, cpu_seconds, lua_script
 from tests.servers import RedisServer, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ wrk.headers["X-VX11-Token"] = "{TOKEN}"
 
 
 def start_gateway(
-    tree: Path, upstream: str, redis_url: str | None
+    tree: Path, upstream: str, redis_url: str | None, extra: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {
@@ -47,6 +48,7 @@ def start_gateway(
         "PYTHONPATH": str(tree),
     }
     env.pop("DATABASE_URL", None)
+    env.update(extra or {})
     if redis_url:
         env["VX11_REDIS_URL"] = redis_url
     py = sys.executable
@@ -64,7 +66,7 @@ def start_gateway(
     return proc, port
 
 
-def burst(pid: int, port: int, seconds: int, lua: str) -> tuple[int, float]:
+def burst(pid: int, port: int, seconds: int, lua: str, intent: str = "task") -> tuple[int, float]:
     before = cpu_seconds(pid)
     out = subprocess.run(
         [
@@ -74,7 +76,7 @@ def burst(pid: int, port: int, seconds: int, lua: str) -> tuple[int, float]:
             f"-d{seconds}s",
             "-s",
             lua,
-            f"http://127.0.0.1:{port}/vx11/route/task",
+            f"http://127.0.0.1:{port}/vx11/route/{intent}",
         ],
         capture_output=True,
         text=True,
@@ -93,7 +95,17 @@ def main() -> int:
     parser.add_argument("--redis", action="store_true")
     parser.add_argument("--bursts", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--intent", default="task", choices=["task", "chat"])
+    parser.add_argument("--sessions", type=int, default=1, help="chat: sessions in turn")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="for both gateways (e.g. DATABASE_URL; both then share that database)",
+    )
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.env)
     trees = {"before": args.before.resolve(), "after": ROOT}
     py = sys.executable
     up_port = free_port()
@@ -102,7 +114,7 @@ def main() -> int:
     ]
     redises: list[RedisServer] = []
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
-        lua.write(LUA)
+        lua.write(lua_script({"X-VX11-Token": TOKEN}, args.sessions) if args.sessions > 1 else LUA)
     try:
         wait_for_port(up_port)
         gateways: dict[str, tuple[int, int]] = {}
@@ -111,20 +123,22 @@ def main() -> int:
             if args.redis:
                 redises.append(RedisServer().start())
                 redis_url = redises[-1].url
-            proc, port = start_gateway(tree, f"http://127.0.0.1:{up_port}", redis_url)
+            proc, port = start_gateway(tree, f"http://127.0.0.1:{up_port}", redis_url, extra)
             procs.append(proc)
             gateways[name] = (proc.pid, port)
         for pid, port in gateways.values():
-            burst(pid, port, 2, lua.name)  # warm-up: pools, snapshot, breaker keys
+            burst(pid, port, 2, lua.name, args.intent)  # warm-up: pools, snapshot, breaker keys
         totals: dict[str, list[float]] = {name: [0, 0.0] for name in gateways}
         per_burst: dict[str, list[int]] = {name: [] for name in gateways}
         for i in range(args.bursts):
             for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
-                count, used = burst(*gateways[name], args.seconds, lua.name)
+                count, used = burst(*gateways[name], args.seconds, lua.name, args.intent)
                 totals[name][0] += count
                 totals[name][1] += used
                 per_burst[name].append(round(used / count * 1e6))
-        mode = "redis" if args.redis else "in-process"
+        mode = ("redis" if args.redis else "in-process") + f" {args.intent}"
+        if args.sessions > 1:
+            mode += f" ×{args.sessions}"
         for name, (requests, cpu) in totals.items():
             print(
                 f"{mode} {name:6}: {requests / (args.bursts * args.seconds):6.0f} req/s, "

@@ -9,6 +9,11 @@ The statements of a turn on an existing session go through
 :mod:`sessions_ctx7.statements` (SQL rendered once, values prepared by the fields); the
 rare paths use the ORM.
 
+Inside the process's writer a warm session is not read at all: the turn is computed from
+the row this process last committed (:mod:`sessions_ctx7.cache`) and written back with an
+``UPDATE`` guarded by the columns it was computed from; a row changed by anyone else fails
+the guard and the turn runs on a fresh read, as below.
+
 Concurrency: a turn locks its session row (``SELECT … FOR UPDATE`` on
 PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers) before it reads
 the message counter, so concurrent appends on one session queue up instead of
@@ -29,6 +34,7 @@ from django.utils import timezone
 from gateway.core.conf import gw
 from gateway.core.problems import Forbidden, NotFound
 from sessions_ctx7 import statements
+from sessions_ctx7.cache import Entry, cache
 from sessions_ctx7.models import Message, Session
 from sessions_ctx7.topics import classify_topic as classify_topic  # re-exported
 
@@ -159,6 +165,80 @@ def _push(
     session.recent = [*session.recent, [role, snippet(content)]][-SUMMARY_MESSAGES:]
 
 
+def _entry_of(session: Session) -> Entry:
+    return Entry(
+        session.pk,
+        session.session_id,
+        session.client,
+        session.created_at,
+        session.last_activity,
+        session.expires_at,
+        session.topic,
+        session.message_count,
+        session.seq,
+        list(session.recent),
+    )
+
+
+def _write_warm(
+    entry: Entry, role: str | None, content: str | None, metadata: dict[str, Any], now: datetime
+) -> bool:
+    """A turn on a cached row, without reading it; False (nothing written) when the row is
+    no longer what the cache holds, or the turn needs a rare path (expired, cap lowered)."""
+    cap = gw.context7_max_messages
+    if entry.expires_at <= now or entry.message_count > cap:
+        return False
+    guard = entry.guard if entry.guard is not None else statements.prep_guard(entry)
+    count = entry.message_count
+    entry.last_activity = now
+    entry.expires_at = expires_at_for(entry.created_at, now)
+    if role is not None and content is not None:
+        entry.seq += 1
+        entry.message_count = min(count + 1, cap)
+        entry.recent = [*entry.recent, [role, snippet(content)]][-SUMMARY_MESSAGES:]
+    entry.guard = statements.save_session_if(entry, entry.pk, guard)
+    if entry.guard is None:
+        cache.drop(entry.session_id)
+        return False
+    if role is not None and content is not None:
+        seq = entry.seq
+        if count < cap:
+            statements.insert_message(entry.pk, seq, role, content, metadata, now)
+        elif not statements.recycle_message(
+            entry.pk, seq - cap, seq, role, content, metadata, now
+        ):  # numbers not contiguous (never expected): the general way, as _push
+            statements.insert_message(entry.pk, seq, role, content, metadata, now)
+            Message.objects.filter(session_id=entry.pk, seq__lte=seq - cap).delete()
+            entry.message_count = Message.objects.filter(session_id=entry.pk).count()
+            statements.save_session(entry, ["message_count"])
+            entry.guard = None
+    cache.stage(entry)
+    return True
+
+
+def _open_warm(
+    owner: str, session_id: str, content: str | None, now: datetime, metadata: dict[str, Any]
+) -> Opened | None:
+    entry = cache.get(session_id) if cache.active else None
+    if entry is None or entry.client != owner:  # unknown here, or the database decides (403)
+        return None
+    if content is not None:
+        topic = classify_topic(content)
+        if topic != "general":
+            entry.topic = topic
+    if not _write_warm(entry, "user" if content is not None else None, content, metadata, now):
+        return None
+    return Opened(
+        entry.pk,
+        session_id,
+        entry.created_at,
+        entry.topic,
+        summary_of(entry.recent),
+        False,
+        False,
+    )
+
+
 def open_turn(
     owner: str,
     session_id: str,
@@ -178,6 +258,9 @@ def open_turn(
     for attempt in range(2):
         try:
             with transaction.atomic():
+                warm = _open_warm(owner, session_id, content, now, metadata or {})
+                if warm is not None:
+                    return warm
                 return _open_turn(owner, session_id, content, now, metadata or {})
         except IntegrityError:
             # Two first requests raced to create the same id (PostgreSQL); the
@@ -228,6 +311,7 @@ def _open_turn(
         if content is not None:
             _push(session, "user", content, metadata, now, cap)
         statements.save_session(session, SAVED_FIELDS)
+    cache.stage(_entry_of(session))
     return Opened(
         session.pk,
         session.session_id,
@@ -255,6 +339,13 @@ def append(
     """
     now = resolve_now(now)
     with transaction.atomic():
+        entry = cache.get_pk(pk) if cache.active else None
+        if (
+            entry is not None
+            and entry.created_at == generation
+            and _write_warm(entry, role, content, metadata or {}, now)
+        ):
+            return True
         session = statements.lock_session("pk", pk)
         if session is None or session.created_at != generation or session.is_expired(now):
             return False
@@ -262,6 +353,7 @@ def append(
         session.last_activity = now
         session.expires_at = expires_at_for(session.created_at, now)
         statements.save_session(session, SAVED_FIELDS)
+        cache.stage(_entry_of(session))
     return True
 
 

@@ -141,19 +141,76 @@ def _update_sql(vendor: str, names: tuple[str, ...]) -> str:
     return f"UPDATE {_table(Session)} SET {sets} WHERE {_column(Session, 'id')} = %s"  # noqa: S608
 
 
-def save_session(session: Session, names: Sequence[str]) -> None:
+def save_session(session: object, names: Sequence[str]) -> None:
     """``session.save(update_fields=names)``, without the compiler."""
     fields = tuple(names)
     values = _prep(Session, fields, [getattr(session, name) for name in fields])
+    pk = getattr(session, "pk")  # noqa: B009 - a Session or a cache entry
     with connection.cursor() as cursor:
-        cursor.execute(_update_sql(connection.vendor, fields), [*values, session.pk])
+        cursor.execute(_update_sql(connection.vendor, fields), [*values, pk])
+
+
+#: Every column of the row a turn writes: a guarded write matches only a row that is,
+#: column for column, the one the turn was computed from.
+GUARD_FIELDS = (
+    "session_id",
+    "client",
+    "created_at",
+    "last_activity",
+    "expires_at",
+    "topic",
+    "message_count",
+    "seq",
+    "recent",
+)
+
+
+@functools.cache
+def _update_if_sql(vendor: str, names: tuple[str, ...], nowait: bool) -> str:
+    table, pk = _table(Session), _column(Session, "id")
+    sets = ", ".join(f"{_column(Session, name)} = %s" for name in names)
+    guards = " AND ".join(f"{_column(Session, name)} = %s" for name in GUARD_FIELDS)
+    where = f"{pk} = %s"
+    if nowait:  # PostgreSQL in a batch: a row another transaction holds is not waited for
+        where = f"{pk} IN (SELECT {pk} FROM {table} WHERE {pk} = %s FOR UPDATE NOWAIT)"  # noqa: S608
+    return f"UPDATE {table} SET {sets} WHERE {where} AND {guards}"  # noqa: S608
+
+
+def prep_guard(session: object) -> list[Any]:
+    """The :data:`GUARD_FIELDS` of ``session`` as the database holds them."""
+    return _prep(Session, GUARD_FIELDS, [getattr(session, name) for name in GUARD_FIELDS])
+
+
+def save_session_if(session: object, pk: int, guard: Sequence[Any]) -> list[Any] | None:
+    """Write the :data:`GUARD_FIELDS` but ``session_id`` of ``session`` to row ``pk`` only if
+    the row still holds ``guard`` (:func:`prep_guard` of what the turn was computed from).
+
+    Returns the new row's guard (for the next turn), None if the row changed or is gone.
+    Raises RowBusy inside a batch on a row locked elsewhere."""
+    fields = GUARD_FIELDS[1:]
+    values = _prep(Session, fields, [getattr(session, name) for name in fields])
+    nowait = getattr(in_batch, "active", False) and connection.features.has_select_for_update_nowait
+    sql = _update_if_sql(connection.vendor, fields, nowait)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [*values, pk, *guard])
+            if not cursor.rowcount:
+                return None
+    except OperationalError as exc:
+        if nowait and getattr(exc.__cause__, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise RowBusy(str(pk)) from exc
+        raise
+    return [guard[0], *values]
 
 
 __all__ = [
+    "GUARD_FIELDS",
     "RowBusy",
     "in_batch",
     "insert_message",
     "lock_session",
+    "prep_guard",
     "recycle_message",
     "save_session",
+    "save_session_if",
 ]

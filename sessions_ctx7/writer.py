@@ -40,6 +40,7 @@ from typing import Any
 from django.db import connection, transaction
 
 from sessions_ctx7 import statements
+from sessions_ctx7.cache import cache
 
 log = logging.getLogger("sessions_ctx7")
 
@@ -162,6 +163,8 @@ class Writer:
         busy: list[Job] = []
         busy_keys: set[str] = set()
         statements.in_batch.active = nowait
+        cache.begin()
+        committed = False
         try:
             with transaction.atomic():
                 for job in jobs:
@@ -172,15 +175,19 @@ class Writer:
                         busy.append(job)
                         busy_keys.add(key)
                         continue
+                    mark = cache.mark()
                     try:
                         job.result = job.fn()  # atomic itself: a savepoint of the batch
                     except statements.RowBusy:
+                        cache.rollback_to(mark)
                         if key is None:
                             raise
                         busy.append(job)
                         busy_keys.add(key)
                     except Exception as exc:
+                        cache.rollback_to(mark)
                         job.error = exc
+            committed = True
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
             put_off = set(map(id, busy))
             for job in jobs:
@@ -192,6 +199,7 @@ class Writer:
                 job.error = job.error or exc
         finally:
             statements.in_batch.active = False
+            cache.end(committed=committed)
         return busy
 
 

@@ -37,6 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sessions_ctx7.topics",
             "sessions_ctx7.writer",
             "sessions_ctx7.statements",
+            "sessions_ctx7.cache",
             "sessions_ctx7.enrich",
         ),
     ),
