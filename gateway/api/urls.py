@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from django.urls import URLPattern, URLResolver, path
 
-from gateway.api import breakers, edge, routes
+from gateway.api import breakers, config, edge, routes
 
 urlpatterns: list[URLPattern | URLResolver] = [
+    path("vx11/config", config.ConfigView.as_view(), name="config"),
     path("vx11/routes", routes.RouteListView.as_view(), name="routes"),
     path("vx11/routes/<str:intent>", routes.RouteDetailView.as_view(), name="route-detail"),
     path("vx11/rate-limit/status", edge.rate_limit_status, name="rate-limit-status"),
