@@ -304,3 +304,11 @@ class ModuleHealthAdmin(ReadOnlyAdmin[ModuleHealth]):
 
 # The live dashboard (/admin/dashboard/) and its session endpoints: gateway/console/dashboard.py.
 dashboard.install(admin.site)
+
+# Branding (SPEC §14): every admin page says "VX11 Gateway"; "View site" opens the API docs.
+admin.site.site_header = "VX11 Gateway"
+admin.site.site_title = "VX11 Gateway"
+admin.site.index_title = "Gateway administration"
+admin.site.site_url = "/docs"
+# The app list on every page takes ~280 px: lists get the width (the index lists the models).
+admin.site.enable_nav_sidebar = False

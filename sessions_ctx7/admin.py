@@ -59,7 +59,7 @@ class MessageInline(admin.TabularInline[Message, Session]):
 @admin.register(Session)
 class SessionAdmin(admin.ModelAdmin[Session]):
     list_display = [
-        "session_id",
+        "short_id",
         "client",
         "topic",
         "message_count",
@@ -67,6 +67,8 @@ class SessionAdmin(admin.ModelAdmin[Session]):
         "ttl_left",
         "state",
     ]
+    list_display_links = ["short_id"]
+    list_per_page = 50
     list_filter = [ExpiredFilter, "topic"]
     search_fields = ["session_id", "client", "messages__content"]
     readonly_fields = [
@@ -90,6 +92,12 @@ class SessionAdmin(admin.ModelAdmin[Session]):
 
     def has_change_permission(self, request: HttpRequest, obj: Session | None = None) -> bool:
         return False  # history is read-only; delete and "expire now" remain
+
+    @admin.display(description="Session", ordering="session_id")
+    def short_id(self, obj: Session) -> str:
+        """The id cut to fit 1280 px (the full id is on the change page and searchable)."""
+        sid = str(obj.session_id)
+        return sid if len(sid) <= 20 else f"{sid[:18]}…"
 
     @admin.display(description="TTL left", ordering="expires_at")
     def ttl_left(self, obj: Session) -> str:

@@ -40,6 +40,8 @@ from gateway.operations.breakers import breaker_statuses, health_rows
 
 BREAKER_TONES = {"closed": "ok", "half_open": "warn", "open": "bad"}
 HEALTH_TONES = {"up": "ok", "down": "bad", "unknown": "idle"}
+#: Modules in trouble first (traffic.js adds "error % high" once the graphs load).
+TROUBLE = {"open": 4, "half_open": 3, "down": 3, "degraded": 2}
 
 
 def badge(text: str, tone: str) -> SafeString:
@@ -91,6 +93,9 @@ def cards(state: dict[str, Any]) -> list[dict[str, Any]]:
                 "last_error": module.get("last_error", ""),
             }
         )
+    rows.sort(
+        key=lambda r: (-TROUBLE.get(r["breaker_state"], TROUBLE.get(r["health"], 0)), r["name"])
+    )
     return rows
 
 
@@ -106,6 +111,7 @@ def dashboard_view(site: AdminSite) -> Callable[[HttpRequest], HttpResponse]:
             "probe_url": reverse("admin:dashboard-probe", args=["__module__"]),
             "clear_cache_url": reverse("admin:dashboard-clear-cache"),
             "ws_path": "/ws/events",
+            "traffic_url": reverse("traffic"),
         }
         return TemplateResponse(request, "admin/gateway/dashboard.html", context)
 

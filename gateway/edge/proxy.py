@@ -28,6 +28,7 @@ from gateway.edge.call import SHUB_PREFIX, Call
 from gateway.edge.headers import RequestHead
 from gateway.edge.observed import Observed, answer_preflight, observe
 from gateway.edge.request import Request
+from gateway.operations import traffic
 
 log = logging.getLogger("gateway.proxy")
 
@@ -120,6 +121,7 @@ def record(
         intent = call.route.intent if call is not None and call.route is not None else "unknown"
         module = call.module.name if call is not None else "none"
         metrics.request(intent, module, status, call.upstream_seconds if call is not None else None)
+    traffic.record(call.module.name if call is not None else None, status, seconds)
     if gw.access_log:
         counted = downstream if isinstance(downstream, Observed) else None
         accesslog.write(

@@ -132,6 +132,7 @@
       applyBreaker(name, breakers[name]);
     });
     root.setAttribute("data-synced-at", String(message.time || ""));
+    root.dispatchEvent(new Event("vx11:changed")); // traffic.js sorts the cards by trouble
   }
 
   function handle(message) {
@@ -146,10 +147,12 @@
         applyBreaker(message.module, breaker);
         var card = cardFor(message.module, false);
         if (card) flash(card);
+        root.dispatchEvent(new Event("vx11:changed"));
         break;
       }
       case "module.health":
         applyHealth(message.module, message);
+        root.dispatchEvent(new Event("vx11:changed"));
         break;
       case "route.changed":
         feedback(globalFeedback, "Route “" + message.intent + "” " + (message.action || "changed") + " at " + clock(message.time) + ".", "ok");
