@@ -45,6 +45,8 @@ def test_breaker_opening_shows_live_and_reset_closes_it(
     expect(switch.locator('[data-field="breaker"]')).to_have_text("open")
     expect(switch.locator('[data-field="failures"]')).to_have_text("3")
     assert page.evaluate("window.__sameDocument") is True  # no reload happened
+    # The graphs refresh every 3 s: the screenshot waits for the failed answers to show.
+    expect(switch).to_have_attribute("data-error-percent", "100", timeout=10_000)
     screenshot(page, "dashboard-breaker-open")
 
     page.once("dialog", lambda dialog: dialog.accept())
