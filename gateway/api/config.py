@@ -13,6 +13,7 @@ from typing import IO, Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
@@ -112,6 +113,15 @@ class ConfigView(APIView):
     permission_classes = [IsAdminClient]
     parser_classes = [JSONParser, YAMLParser, XYAMLParser]
     renderer_classes = [JSONRenderer, YAMLRenderer]
+
+    def perform_content_negotiation(
+        self, request: Request, force: bool = False
+    ) -> tuple[BaseRenderer, str]:
+        # DRF answers an unknown ``?format=`` with a bare 404; it is a bad parameter (400).
+        try:
+            return super().perform_content_negotiation(request, force)
+        except Http404:
+            raise InvalidRequest("Query parameter format must be json or yaml.") from None
 
     @extend_schema(
         operation_id="vx11_config_export",

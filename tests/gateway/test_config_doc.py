@@ -278,3 +278,17 @@ def test_the_config_endpoint_is_in_the_openapi_schema(http) -> None:
     assert {"get", "put"} <= set(paths["/vx11/config"])
     content = paths["/vx11/config"]["get"]["responses"]["200"]["content"]
     assert {"application/json", "application/yaml"} <= set(content)
+
+
+def test_an_unknown_format_parameter_is_a_400_problem(http, operator_headers) -> None:
+    # DRF's own answer would be a bare 404 (found by the schema fuzzer in test_hostile.py).
+    for method in ("GET", "PUT"):
+        answer = http.request(
+            method, "/vx11/config?format=%C3%81", json={}, headers=operator_headers
+        )
+        assert answer.status_code == 400, answer.text
+        assert answer.headers["content-type"].startswith("application/problem+json")
+        assert "format" in answer.json()["detail"]
+    assert http.get("/vx11/config?format=yaml", headers=operator_headers).text.startswith(
+        ("modules", "{}", "clients", "routes")
+    )
