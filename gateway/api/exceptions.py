@@ -7,6 +7,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404
 from rest_framework import exceptions
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from gateway.core import correlation
@@ -59,7 +60,13 @@ def problem_exception_handler(exc: Exception, context: dict[str, Any]) -> Respon
             headers["Allow"] = ", ".join(view.allowed_methods)
     request = context.get("request")
     renderer = getattr(request, "accepted_renderer", None)
-    is_json = renderer is None or getattr(renderer, "format", "json") == "json"
+    fmt = getattr(renderer, "format", "json")
+    if request is not None and fmt not in ("json", "api"):
+        # An error is problem+json whatever the success format (YAML on /vx11/config);
+        # only the browsable API keeps its HTML page for people.
+        request.accepted_renderer, request.accepted_media_type = JSONRenderer(), "application/json"
+        fmt = "json"
+    is_json = renderer is None or fmt == "json"
     return Response(
         body,
         status=error.status,

@@ -292,3 +292,18 @@ def test_an_unknown_format_parameter_is_a_400_problem(http, operator_headers) ->
     assert http.get("/vx11/config?format=yaml", headers=operator_headers).text.startswith(
         ("modules", "{}", "clients", "routes")
     )
+
+
+def test_errors_are_problem_json_even_when_yaml_was_asked_for(http, operator_headers) -> None:
+    # The schema fuzzer (test_hostile.py) sent ?format=yaml with an invalid document and got
+    # the problem rendered as YAML, which the schema does not document.
+    bad = "nonsense: []\n"
+    for query, accept in (("?format=yaml", "*/*"), ("", "application/yaml")):
+        answer = http.put(
+            f"/vx11/config{query}",
+            content=bad,
+            headers={**operator_headers, "Content-Type": "application/yaml", "Accept": accept},
+        )
+        assert answer.status_code == 400, answer.text
+        assert answer.headers["content-type"].startswith("application/problem+json")
+        assert "unknown section" in answer.json()["errors"][0]
