@@ -38,6 +38,7 @@ ALLOW_HEADERS = (
     "x-correlation-id",
     "x-request-id",
     "x-requested-with",
+    "x-vx11-gw-token",
     "x-vx11-session",
     "x-vx11-token",
 )
@@ -53,9 +54,11 @@ EXPOSE_HEADERS = (
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",
     "X-VX11-Attempts",
+    "X-VX11-Fallback",
     "X-VX11-Intent",
     "X-VX11-Module",
     "X-VX11-Session",
+    "X-VX11-Target",
 )
 #: Seconds a browser may keep a preflight's answer (django-cors-headers' default).
 MAX_AGE = 86400

@@ -10,6 +10,8 @@ management path (``/vx11/routes``, served by Django).
 from __future__ import annotations
 
 import json
+import pathlib
+import re
 import tempfile
 from collections.abc import Iterator
 
@@ -296,3 +298,41 @@ def test_a_preflight_needs_options_the_request_method_and_an_allowed_origin():
     assert not policy.is_preflight("OPTIONS", OTHER, "POST")
     assert not policy.is_preflight("OPTIONS", None, "POST")
     assert not policy.is_preflight("OPTIONS", APP.upper(), "POST")  # exact, as browsers send
+
+
+# --------------------------------------------------------------------------- the rules alone
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://app.example.evil",  # the allowed origin as a prefix
+        "https://evil-app.example",  # as a suffix
+        "https://sub.app.example",
+        "https://app.example:8443",  # another port
+        "http://app.example",  # another scheme
+        "null",  # sandboxed iframes, file: pages, redirects
+        "",
+        "https://APP.example.",
+    ],
+)
+def test_only_the_exact_origin_is_allowed(origin: str) -> None:
+    rules = cors.policy(cors.parse_origins([APP]), False)
+    assert rules.allows(APP)  # browsers send the origin serialised: no default port
+    assert not rules.allows(origin)
+    assert rules.answer_headers(origin) == []
+
+
+def test_every_gateway_request_header_is_allowed_and_every_answer_header_exposed() -> None:
+    # The gateway's own headers, as the edge reads or writes them (a new one must be listed).
+    root = pathlib.Path(__file__).resolve().parents[2] / "gateway"
+    found = {
+        m.lower()
+        for path in [*root.glob("edge/*.py"), *root.glob("upstream/*.py")]
+        for m in re.findall(r'b"(x-vx11-[a-z-]+)"', path.read_text())
+    }
+    requests = {"x-vx11-token", "x-vx11-gw-token", "x-vx11-session"}
+    assert requests <= set(cors.ALLOW_HEADERS)
+    exposed = {h.lower() for h in cors.EXPOSE_HEADERS}
+    assert found - requests <= exposed, found - requests - exposed
+    assert {"x-vx11-target", "x-vx11-fallback"} <= exposed  # SPEC §18, §19
