@@ -3,6 +3,13 @@
     git worktree add /tmp/before <commit>
     .venv/bin/python -m bench.ab --before /tmp/before [--redis] [--bursts 8] [--seconds 3]
         [--intent chat [--sessions 32]] [--env DATABASE_URL=…]
+        [--collector --after-env OTEL_EXPORTER_OTLP_ENDPOINT={collector}]
+    .venv/bin/python -m bench.ab --targets 3 [--redis]   # a module pool against one target
+
+With ``--targets N`` (N > 1) this tree's gateway calls a module of N targets — N ports of
+the one upstream process, so both gateways have the same upstream CPU behind them — and ``--before`` defaults to this tree with the usual single target: the
+cost of choosing among targets, counting them in flight and reporting their outcomes, in one
+run (SPEC §18; docs/PERFORMANCE.md "Module pools").
 
 ``bench.run`` compares the gateway with a bare proxy run after it; on a noisy machine the
 reference itself moves by ±10 % between runs, and so does the ratio. Here both gateways
@@ -91,7 +98,10 @@ def burst(pid: int, port: int, seconds: int, lua: str, intent: str = "task") -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", required=True, type=Path, help="the other tree (a worktree)")
+    parser.add_argument("--before", type=Path, help="the other tree (a worktree)")
+    parser.add_argument(
+        "--targets", type=int, default=1, help="this tree's module has N targets (upstreams)"
+    )
     parser.add_argument("--redis", action="store_true")
     parser.add_argument("--bursts", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=3)
@@ -104,26 +114,56 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="for both gateways (e.g. DATABASE_URL; both then share that database)",
     )
+    parser.add_argument(
+        "--after-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="for this tree's gateway only ({collector} in VALUE: the --collector's URL)",
+    )
+    parser.add_argument(
+        "--collector",
+        action="store_true",
+        help="start an OTLP/HTTP receiver that discards what it gets (tracing cost)",
+    )
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.env)
-    trees = {"before": args.before.resolve(), "after": ROOT}
+    collector_port = free_port()
+    after_extra = {
+        name: value.replace("{collector}", f"http://127.0.0.1:{collector_port}")
+        for name, value in (item.split("=", 1) for item in args.after_env)
+    }
+    if args.before is None and args.targets < 2:
+        parser.error("--before is required (unless --targets N compares N targets against one)")
+    trees = {"before": (args.before or ROOT).resolve(), "after": ROOT}
     py = sys.executable
-    up_port = free_port()
-    procs: list[subprocess.Popen[bytes]] = [
-        subprocess.Popen([py, "-m", "bench.servers", "upstream", str(up_port)], cwd=ROOT)
+    up_ports = [free_port() for _ in range(max(1, args.targets))]
+    up_port = up_ports[0]
+    procs: list[subprocess.Popen[bytes]] = [  # one process; a pool's targets are its ports
+        subprocess.Popen([py, "-m", "bench.servers", "upstream", *map(str, up_ports)], cwd=ROOT)
     ]
+    pool_url = ",".join(f"http://127.0.0.1:{port}" for port in up_ports)
+    if args.collector:
+        procs.append(
+            subprocess.Popen(
+                [py, "-m", "bench.servers", "collector", str(collector_port)], cwd=ROOT
+            )
+        )
     redises: list[RedisServer] = []
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(lua_script({"X-VX11-Token": TOKEN}, args.sessions) if args.sessions > 1 else LUA)
     try:
-        wait_for_port(up_port)
+        for port in up_ports:
+            wait_for_port(port)
         gateways: dict[str, tuple[int, int]] = {}
         for name, tree in trees.items():
             redis_url = None
             if args.redis:
                 redises.append(RedisServer().start())
                 redis_url = redises[-1].url
-            proc, port = start_gateway(tree, f"http://127.0.0.1:{up_port}", redis_url, extra)
+            own = {**extra, **after_extra} if name == "after" else extra
+            module_url = pool_url if name == "after" else f"http://127.0.0.1:{up_port}"
+            proc, port = start_gateway(tree, module_url, redis_url, own)
             procs.append(proc)
             gateways[name] = (proc.pid, port)
         for pid, port in gateways.values():
@@ -139,6 +179,8 @@ def main() -> int:
         mode = ("redis" if args.redis else "in-process") + f" {args.intent}"
         if args.sessions > 1:
             mode += f" ×{args.sessions}"
+        if args.targets > 1:
+            mode += f" (after: {args.targets} targets, before: 1)"
         for name, (requests, cpu) in totals.items():
             print(
                 f"{mode} {name:6}: {requests / (args.bursts * args.seconds):6.0f} req/s, "
@@ -148,10 +190,10 @@ def main() -> int:
             totals["after"][1] / totals["after"][0] / (totals["before"][1] / totals["before"][0])
         )
         print(f"CPU per request, after / before: {change:.3f}")
+        print(f"req/s, after / before: {totals['after'][0] / totals['before'][0]:.3f}")
     finally:
-        for proc in procs:
+        for proc in reversed(procs):  # the gateways first: their last exports still land
             proc.terminate()
-        for proc in procs:
             proc.wait(10)
         for server in redises:
             server.close()

@@ -6,6 +6,7 @@ Both run on uvloop, like the gateway, so the comparison is of the request path o
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import uvloop
@@ -14,7 +15,17 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 PAYLOAD = b'{"module":"switch","response":"ok","tokens":[1,2,3,4,5,6,7,8]}'
 
 
-def upstream(port: int) -> None:
+def _listening(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    return sock
+
+
+def upstream(port: int, *more: int) -> None:
+    """The module: a fixed JSON answer. ``more``: further ports of the same process (the
+    targets of one module pool in ``bench.ab --targets N``, one upstream's CPU for all)."""
     peers: set[object] = set()  # (ip, port) of every connection that sent a request
 
     async def answer(request: web.Request) -> web.Response:
@@ -31,6 +42,10 @@ def upstream(port: int) -> None:
     app = web.Application()
     app.router.add_get("/_bench/connections", stats)
     app.router.add_route("*", "/{tail:.*}", answer)
+    if more:
+        socks = [_listening(p) for p in (port, *more)]
+        web.run_app(app, sock=socks, access_log=None, print=None, loop=uvloop.new_event_loop())
+        return
     web.run_app(
         app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop()
     )
@@ -73,11 +88,30 @@ def proxy(port: int, target: str) -> None:
     )
 
 
+def collector(port: int) -> None:
+    """An OTLP/HTTP traces receiver that reads each export and discards it (200, empty
+    ``ExportTraceServiceResponse``): the far end of a tracing gateway under load."""
+
+    async def accept(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application(client_max_size=64 * 1024**2)
+    app.router.add_post("/v1/traces", accept)
+    web.run_app(
+        app, host="127.0.0.1", port=port, access_log=None, print=None, loop=uvloop.new_event_loop()
+    )
+
+
 if __name__ == "__main__":
     kind = sys.argv[1]
     if kind == "upstream":
-        upstream(int(sys.argv[2]))
+        upstream(*(int(p) for p in sys.argv[2:]))
     elif kind == "proxy":
         proxy(int(sys.argv[2]), sys.argv[3])
+    elif kind == "collector":
+        collector(int(sys.argv[2]))
     else:
-        raise SystemExit("usage: python -m bench.servers upstream PORT | proxy PORT URL")
+        raise SystemExit(
+            "usage: python -m bench.servers upstream PORT [PORT…] | proxy PORT URL | collector PORT"
+        )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
-from django.db.models import Model
+from django.db.models import Count, Model
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
@@ -13,22 +14,58 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from gateway.config.modules import target_key
 from gateway.config.routes import CODE_ROUTES, OVERRIDABLE
 from gateway.config.shapes import BREAKER_FIELDS
 from gateway.console import dashboard
 from gateway.console.dashboard import badge, live_badge_columns
 from gateway.core.conf import gw
 from gateway.core.problems import GatewayError
-from gateway.models import ApiClient, BreakerState, BreakerTransition, Module, ModuleHealth, Route
+from gateway.models import (
+    ApiClient,
+    BreakerState,
+    BreakerTransition,
+    Module,
+    ModuleHealth,
+    Route,
+    Target,
+)
 from gateway.operations import configuration
 from gateway.operations import health as healthcheck
 from gateway.operations.breakers import force_many
 from gateway.operations.cache import clear_cache_sync
 
 
+class TargetFormSet(forms.BaseInlineFormSet):  # type: ignore[type-arg]
+    """No two targets of the page at one ``host:port`` (each row's check sees only the saved)."""
+
+    def clean(self) -> None:
+        super().clean()
+        seen: set[str] = set()
+        for form in self.forms:
+            url = form.cleaned_data.get("url") if form.cleaned_data else None
+            if not url or form.cleaned_data.get("DELETE"):
+                continue
+            key = target_key(url)
+            if key in seen:
+                raise forms.ValidationError(f"Two targets at {key}.")
+            seen.add(key)
+
+
+class TargetInline(admin.TabularInline[Target, Module]):
+    """The module's targets (SPEC §18): with any, they replace its URL, the env's and the code's."""
+
+    model = Target
+    formset = TargetFormSet
+    fields = ["url", "weight", "enabled"]
+    extra = 0
+    verbose_name_plural = "Targets (replicas; with any, they replace the URL above)"
+
+
 @admin.register(Module)
 class ModuleAdmin(admin.ModelAdmin[Module]):
     list_display = ["name", "effective_url", "enabled", "health_path", "breaker_settings"]
+    inlines = [TargetInline]
     list_filter = ["enabled"]
     search_fields = ["name", "url"]
     readonly_fields = ["updated_at", "defaults_note"]
@@ -40,10 +77,14 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
         "probe_now",
     ]
     fieldsets = [
-        (None, {"fields": ["name", "url", "defaults_note", "health_path", "enabled"]}),
+        (None, {"fields": ["name", "url", "defaults_note", "health_path", "enabled", "lb"]}),
         (
             "Circuit breaker (empty = VX11_CB_* defaults)",
             {"fields": list(BREAKER_FIELDS)},
+        ),
+        (
+            "Bulkhead (empty = VX11_MODULE_<NAME>_MAX_CONCURRENT; 0 = only VX11_MAX_INFLIGHT)",
+            {"fields": ["max_concurrent"]},
         ),
         (None, {"fields": ["updated_at"]}),
     ]
@@ -53,15 +94,25 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
         return [
             "name",
             "effective_url",
+            "target_count",
             "enabled",
             *live_badge_columns(),
             "health_path",
             "breaker_settings",
         ]
 
+    def get_queryset(self, request: HttpRequest) -> Any:
+        return super().get_queryset(request).annotate(n_targets=Count("targets"))
+
     @admin.display(description="URL in use")
     def effective_url(self, obj: Module) -> str:
+        if getattr(obj, "n_targets", 0):
+            return "its targets"
         return configuration.module_url(obj.name, obj.url)
+
+    @admin.display(description="Targets", ordering="n_targets")
+    def target_count(self, obj: Module) -> int:
+        return int(getattr(obj, "n_targets", 0))
 
     @admin.display(description="Code default / env")
     def defaults_note(self, obj: Module) -> str:
@@ -128,6 +179,20 @@ class ModuleAdmin(admin.ModelAdmin[Module]):
                 )
 
 
+#: The route form's help for the fields whose model help is short (SPEC §19).
+ROUTE_HELP = {
+    "fallbacks": (
+        "JSON list, tried in order when the module cannot answer (at most 3, each another "
+        'module): [{"module": "madre", "endpoint": "/madre/chat", "method": "POST"}]. '
+        "The method is optional (the route's). Empty: the code default's; [] turns them off."
+    ),
+    "fallback_on": (
+        "Comma list of triggers: circuit_open, overloaded, unavailable, timeout, 5xx, 429. "
+        "Empty: all but 429. Never a 4xx, never once the answer has started."
+    ),
+}
+
+
 @admin.register(Route)
 class RouteAdmin(admin.ModelAdmin[Route]):
     """Overrides are edited here; the code defaults are shown beside them, read-only."""
@@ -150,11 +215,24 @@ class RouteAdmin(admin.ModelAdmin[Route]):
         base = CODE_ROUTES.get(obj.intent)
         if base is None:
             return "— (a new intent: module and endpoint are required)"
+        chain = ", then ".join(f"{f.module} {f.method} {f.endpoint}" for f in base.fallbacks)
         return (
             f"{base.module} {base.method} {base.endpoint}, timeout {base.timeout:g}s, "
             f"priority {base.priority}, protected {base.protected}, streaming "
-            f"{base.streaming}, context7 {base.context7}"
+            f"{base.streaming}, context7 {base.context7}, "
+            f"fallbacks: {chain or 'none'}"
+            + (  # SPEC §20: timeout bounds the head; these the body
+                f", idle_timeout {base.idle_timeout:g}s, max_duration {base.max_duration:g}s"
+                if base.streaming
+                else ""
+            )
         )
+
+    def get_form(
+        self, request: HttpRequest, obj: Route | None = None, change: bool = False, **kwargs: Any
+    ) -> type[forms.ModelForm[Route]]:
+        kwargs["help_texts"] = {**ROUTE_HELP, **kwargs.get("help_texts", {})}
+        return super().get_form(request, obj, change, **kwargs)
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None

@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from gateway.config.modules import env_overrides
+from gateway.config.modules import env_lbs, env_overrides
 from gateway.core.conf import gw
 from gateway.state.redis_url import UnsupportedRedisURL, check_url, connect_options
 from vx11site.env import EnvError
@@ -30,7 +30,7 @@ def gateway_checks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 
 
 def _module_urls() -> list[CheckMessage]:
-    return [
+    found: list[CheckMessage] = [
         Error(
             f"Invalid module URL: {problem}",
             id="gateway.E002",
@@ -38,6 +38,15 @@ def _module_urls() -> list[CheckMessage]:
         )
         for problem in env_overrides()[1]
     ]
+    found.extend(
+        Error(
+            f"Invalid balancing policy: {problem}",
+            id="gateway.E004",
+            hint="Use least_request, round_robin or session.",
+        )
+        for problem in env_lbs()[1]
+    )
+    return found
 
 
 def _redis_url() -> list[CheckMessage]:

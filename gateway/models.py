@@ -9,13 +9,16 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 
+from gateway.config import fallbacks
+from gateway.config import modules as pools
 from gateway.config.modules import CODE_MODULES, ModuleInfo, env_overrides
 from gateway.config.routes import CODE_ROUTES
 from gateway.config.shapes import (
-    BREAKER_FIELDS,
-    BreakerSettings,
+    MODULE_FIELDS,
+    ModuleSettings,
     RouteFields,
     check_model,
     values_of,
@@ -28,6 +31,7 @@ from gateway.config.validation import (
     intent_validator,
     module_name_validator,
     module_url_validator,
+    stream_bound_errors,
     validate_module_url,
 )
 from gateway.config.versioning import ConfigModel
@@ -109,6 +113,14 @@ class Module(ConfigModel):
     min_calls = models.PositiveIntegerField(
         null=True, blank=True, help_text="Calls needed in the window to judge a rate."
     )
+    # Bulkhead (SPEC §10); empty = VX11_MODULE_<NAME>_MAX_CONCURRENT, 0 = only the process cap.
+    max_concurrent = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Upstream calls in flight at once (0: no own cap)."
+    )
+    # The choice of a target (SPEC §18); empty = VX11_MODULE_<NAME>_LB, else least_request.
+    lb = models.CharField(
+        "load balancing", max_length=20, blank=True, choices=[(p, p) for p in pools.LB_POLICIES]
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     objects = ConfigQuerySet["Module"].as_manager()
@@ -121,9 +133,9 @@ class Module(ConfigModel):
 
     def info(self) -> ModuleInfo:
         """This row as a module-table entry (an empty URL inherits, in ``build_modules``)."""
-        breaker = values_of(self, BREAKER_FIELDS)
+        settings = values_of(self, MODULE_FIELDS)
         return ModuleInfo(
-            self.name, self.url, self.health_path, self.enabled, "database", **breaker
+            self.name, self.url, self.health_path, self.enabled, "database", **settings
         )
 
     def clean(self) -> None:
@@ -153,6 +165,20 @@ class Route(ConfigModel):
     retry_post = models.BooleanField(
         null=True, blank=True, help_text="Retry POST when the client sends Idempotency-Key."
     )
+    # Streaming timeouts (SPEC §20), for routes with streaming on.
+    idle_timeout = models.FloatField(
+        null=True, blank=True, help_text="Streams: most seconds between two chunks (0.1–3600)."
+    )
+    max_duration = models.FloatField(
+        null=True, blank=True, help_text="Streams: most seconds for the whole answer (1–86400)."
+    )
+    # Fallbacks (SPEC §19): [{"module", "endpoint", "method"?}, …] tried in order, ≤ 3.
+    fallbacks = models.JSONField(null=True, blank=True, help_text="Ordered fallback options.")
+    fallback_on = models.CharField(
+        max_length=100,
+        blank=True,
+        help_text="Comma list of circuit_open, overloaded, unavailable, timeout, 5xx, 429.",
+    )
     enabled = models.BooleanField(default=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -170,13 +196,77 @@ class Route(ConfigModel):
             errors["module"] = f"Unknown module {self.module!r}."
         if self.timeout is not None and not TIMEOUT_MIN <= self.timeout <= TIMEOUT_MAX:
             errors["timeout"] = f"Timeout must be between {TIMEOUT_MIN} and {TIMEOUT_MAX:g} s."
+        errors.update(stream_bound_errors(self.idle_timeout, self.max_duration))
         if self.intent not in CODE_ROUTES:
             if not self.module:
                 errors["module"] = "A new intent needs a module."
             if not self.endpoint:
                 errors["endpoint"] = "A new intent needs an endpoint."
+        errors.update(self._fallback_errors())
         if errors:
             raise ValidationError(errors)
+
+    def _fallback_errors(self) -> dict[str, Any]:
+        """SPEC §19: ``fallbacks`` and ``fallback_on`` checked, then stored in their
+        canonical form (methods upper-case, triggers in their documented order)."""
+        errors: dict[str, Any] = {}
+        if self.fallbacks:
+            base = CODE_ROUTES.get(self.intent)
+            primary = self.module or (base.module if base else "")
+            found = fallbacks.fallback_errors(self.fallbacks, primary, known_module_names())
+            if found:
+                errors["fallbacks"] = found
+            else:
+                self.fallbacks = fallbacks.normalise(self.fallbacks)
+        if (problem := fallbacks.fallback_on_error(self.fallback_on)) is not None:
+            errors["fallback_on"] = problem
+        elif self.fallback_on:
+            self.fallback_on = fallbacks.normalise_fallback_on(self.fallback_on)
+        return errors
+
+
+class Target(ConfigModel):
+    """One target (replica) of a module (SPEC §1, §18). A module with target rows is called
+    at them: they replace its row's, the env's and the code's URLs."""
+
+    module = models.ForeignKey(Module, on_delete=models.CASCADE, related_name="targets")
+    url = models.CharField(
+        "URL", max_length=255, validators=[module_url_validator], help_text="http(s)://host[:port]."
+    )
+    weight = models.PositiveIntegerField(
+        default=pools.WEIGHT_DEFAULT,
+        validators=[MinValueValidator(pools.WEIGHT_MIN), MaxValueValidator(pools.WEIGHT_MAX)],
+        help_text=f"Share of the traffic, {pools.WEIGHT_MIN}–{pools.WEIGHT_MAX}.",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ConfigQuerySet["Target"].as_manager()
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["module", "url"], name="gateway_target_module_url")
+        ]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def info(self) -> pools.TargetInfo:
+        return pools.TargetInfo(self.url, self.weight, self.enabled, self.pk)
+
+    def clean(self) -> None:
+        try:
+            self.url = validate_module_url(self.url)  # normalised form
+        except ValidationError:
+            return  # the field validator reports it
+        if self.module_id is None:
+            return
+        key = pools.target_key(self.url)
+        others = Target.objects.filter(module_id=self.module_id).exclude(pk=self.pk)
+        if any(pools.target_key(url) == key for url in others.values_list("url", flat=True)):
+            raise ValidationError({"url": f"The module has a target at {key} already."})
 
 
 def known_module_names() -> set[str]:
@@ -303,5 +393,5 @@ class ModuleHealth(models.Model):
 
 
 # The columns of the configuration tables follow their shapes (gateway.config.shapes).
-check_model(Module, BreakerSettings)
+check_model(Module, ModuleSettings)
 check_model(Route, RouteFields)

@@ -15,14 +15,16 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from gateway.models import ApiClient, Module, Route, announce_change
+from gateway.models import ApiClient, Module, Route, Target, announce_change
 from gateway.operations import events
 
 
 @receiver(post_save, sender=Module)
 @receiver(post_save, sender=Route)
 @receiver(post_save, sender=ApiClient)
+@receiver(post_save, sender=Target)
 @receiver(post_delete, sender=Module)
+@receiver(post_delete, sender=Target)
 @receiver(post_delete, sender=Route)
 @receiver(post_delete, sender=ApiClient)
 def config_changed(sender: type, using: str | None = None, **kwargs: Any) -> None:

@@ -162,6 +162,7 @@ class Lifespan:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from gateway.edge import tracing  # deferred: imports gateway.models
         from gateway.operations import registry as services  # deferred: imports gateway.models
 
         while True:
@@ -173,6 +174,7 @@ class Lifespan:
             elif message["type"] == "lifespan.shutdown":
                 services.breaker_commands.serve_on(None)
                 await upstream.close()
+                await tracing.shutdown()  # the last spans, for a bounded time
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -199,12 +201,14 @@ def websocket_application() -> Any:
 def build_application(django_app: Any) -> Any:
     from channels.routing import ProtocolTypeRouter
 
+    from gateway.edge import tracing  # deferred: imports gateway.models (Django set up)
     from gateway.edge.proxy import ProxyApp  # deferred: imports gateway.models (Django set up)
 
     check_production_auth()
     check_store_url()
+    tracing.setup()  # once per process: off, ProxyApp is mounted as it is (SPEC §22)
     mapping: dict[str, Any] = {
-        "http": HttpDispatcher(ProxyApp(), django_app),
+        "http": HttpDispatcher(tracing.wrap(ProxyApp()), django_app),
         "websocket": websocket_application(),
         "lifespan": Lifespan(),
     }

@@ -66,7 +66,7 @@ SECRETS = {
 
 VAR_RE = re.compile(r"(?<![A-Za-z0-9_])((?:VX11|DJANGO)_(?:[A-Z0-9_]|<NAME>)*|DATABASE_URL\w*)")
 CODE_LITERAL_RE = re.compile(r"[\"']((?:VX11|DJANGO)_[A-Z0-9_]+|DATABASE_URL)[\"']")
-MODULE_URL_RE = re.compile(r"VX11_MODULE_([A-Z0-9]+)_URL")
+MODULE_URL_RE = re.compile(r"VX11_MODULE_([A-Z0-9]+)_(URL|MAX_CONCURRENT|LB)")
 
 
 def code_files() -> Iterator[Path]:
@@ -106,8 +106,13 @@ def unknown_variables(text: str) -> set[str]:
     code = "\n".join(path.read_text() for path in code_files())
     unknown: set[str] = set()
     for name in set(VAR_RE.findall(text)):
-        if name == "VX11_MODULE_<NAME>_URL":
-            ok = '"VX11_MODULE_"' in code and '"_URL"' in code
+        if name in (
+            "VX11_MODULE_<NAME>_URL",
+            "VX11_MODULE_<NAME>_MAX_CONCURRENT",
+            "VX11_MODULE_<NAME>_LB",
+        ):
+            suffix = name.removeprefix("VX11_MODULE_<NAME>")
+            ok = '"VX11_MODULE_"' in code and f'"{suffix}"' in code
         elif (match := MODULE_URL_RE.fullmatch(name)) is not None:
             ok = match.group(1).lower() in CODE_MODULES
         elif name.endswith("_FILE"):

@@ -243,8 +243,6 @@ LOGGING = {
             "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s",
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
         },
-        # The access log (gateway/edge/accesslog.py): the message is the JSON object itself.
-        "access": {"format": "%(message)s"},
     },
     "handlers": {
         "console": {
@@ -252,17 +250,10 @@ LOGGING = {
             "formatter": "json",
             "filters": ["correlation"],
         },
-        "access": {
-            "class": "logging.StreamHandler",
-            "formatter": "access",
-            "stream": "ext://sys.stdout",
-        },
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.request": {"level": "ERROR"},
         "uvicorn.access": {"level": "WARNING"},
-        # VX11_ACCESS_LOG=true: one JSON line per proxied request, whatever VX11_LOG_LEVEL says.
-        "gateway.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
     },
 }

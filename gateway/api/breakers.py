@@ -1,4 +1,4 @@
-"""Breakers and module health for operators: ``/vx11/modules`` and ``/vx11/circuit-breaker/*``.
+"""Modules for operators: ``/vx11/modules[/{module}]`` and ``/vx11/circuit-breaker/*``.
 
 A thin DRF layer over :mod:`gateway.operations.breakers`, which the admin actions,
 the dashboard and ``manage.py breaker`` call too.
@@ -21,6 +21,7 @@ from gateway.api.permissions import IsClient, ReadClientWriteAdmin
 from gateway.api.serializers import (
     BreakerDetailSerializer,
     BreakerPageSerializer,
+    ModuleDetailSerializer,
     ModuleListSerializer,
 )
 from gateway.config.modules import ModuleInfo
@@ -50,12 +51,26 @@ class ModuleListView(APIView):
     permission_classes = [IsClient]
 
     @extend_schema(
+        operation_id="vx11_modules_list",
         responses=ModuleListSerializer,
         summary="Every module with its URL, health and breaker state",
     )
     def get(self, request: Request) -> Response:
         modules = module_overview()
         return Response({"modules": modules, "count": len(modules), "timestamp": time.time()})
+
+
+class ModuleDetailView(APIView):
+    permission_classes = [IsClient]
+
+    @extend_schema(
+        operation_id="vx11_module_retrieve",
+        responses=ModuleDetailSerializer,
+        summary="One module: URL, health, breaker state and bulkhead",
+    )
+    def get(self, request: Request, module: str) -> Response:
+        _known(module)
+        return Response({**module_overview([module])[0], "timestamp": time.time()})
 
 
 class BreakerStatusView(APIView):

@@ -121,7 +121,10 @@ def _route_intent(common: dict[str, Any]) -> dict[str, Any]:
             "with the route's method and timeout, through breaker, retries, backpressure and "
             "rate limits. The upstream status, body and content type come back unchanged with "
             "X-Correlation-ID, X-VX11-Intent and X-VX11-Module. Context-7 routes (chat, code) "
-            "take `session_id` (or X-VX11-Session) and return X-VX11-Session.",
+            "take `session_id` (or X-VX11-Session) and return X-VX11-Session. A route with "
+            "`fallbacks` tries them in order when its module cannot answer; an answer from a "
+            "fallback names it in X-VX11-Module and says `X-VX11-Fallback: <reason>; "
+            "from=<module>` (SPEC §19).",
             "tags": ["proxy"],
             "parameters": [
                 _INTENT_PARAM,

@@ -8,6 +8,8 @@ from enum import StrEnum
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from gateway.config import fallbacks
+from gateway.config.fallbacks import Fallback
 from gateway.config.shapes import ROUTE_FIELDS, RouteFields
 
 
@@ -31,7 +33,9 @@ class RouteConfig(RouteFields):
 
     def as_dict(self) -> dict[str, Any]:
         """Every field by name, ``intent`` first (the API's and the admin's entry)."""
-        return {name: getattr(self, name) for name in ROUTE_KEYS}
+        entry = {name: getattr(self, name) for name in ROUTE_KEYS}
+        entry["fallbacks"] = [option.as_dict() for option in self.fallbacks]
+        return entry
 
 
 #: The members of an effective route, in the order the API shows them.
@@ -40,6 +44,9 @@ ROUTE_KEYS: tuple[str, ...] = (
     *(f.name for f in fields(RouteConfig) if f.name != "intent"),
 )
 
+
+#: Chat and code fall back to madre's chat, as the original gateway did when switch was offline.
+MADRE_CHAT = (Fallback("madre", "/madre/chat", "POST"),)
 
 CODE_ROUTES: dict[str, RouteConfig] = {
     r.intent: r
@@ -51,6 +58,7 @@ CODE_ROUTES: dict[str, RouteConfig] = {
             15,
             "Chat through the switch",
             context7=True,
+            fallbacks=MADRE_CHAT,
             intent=IntentType.CHAT,
         ),
         RouteConfig(
@@ -60,6 +68,7 @@ CODE_ROUTES: dict[str, RouteConfig] = {
             20,
             "Code generation through the switch",
             context7=True,
+            fallbacks=MADRE_CHAT,
             intent=IntentType.CODE,
         ),
         RouteConfig(
@@ -137,6 +146,11 @@ def overlay(row: RouteRow) -> RouteConfig:
             changes[name] = value
     if "endpoint" in changes:
         changes["endpoint"] = wire_path(changes["endpoint"])
+    primary = changes.get("module", base.module)
+    if "fallbacks" in changes:  # the stored JSON list, parsed once per snapshot
+        changes["fallbacks"] = fallbacks.parse(changes["fallbacks"], primary, wire_path)
+    elif base.fallbacks:  # inherited: never the route's own (overridden) module
+        changes["fallbacks"] = fallbacks.without(base.fallbacks, primary)
     return replace(base, **changes, intent=row.intent, enabled=row.enabled, source="database")
 
 

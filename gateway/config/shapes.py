@@ -1,20 +1,22 @@
-"""One source per configuration shape: a module's breaker settings and a route's fields.
+"""One source per configuration shape: a module's settings and a route's fields.
 
 The dataclasses here are the shapes; everything else derives from their ``fields()``:
-``ModuleInfo`` and ``RouteConfig`` extend them, ``BREAKER_FIELDS`` and ``ROUTE_FIELDS``
-name the model columns that the snapshot reads, the admin shows and the API accepts,
-and :func:`check_model` (run when ``gateway.models`` is imported) refuses a model whose
-columns drifted from the shape.
+``ModuleInfo`` and ``RouteConfig`` extend them, ``MODULE_FIELDS`` (``BREAKER_FIELDS`` and
+the bulkhead's ``max_concurrent``) and ``ROUTE_FIELDS`` name the model columns that the
+snapshot reads, the admin shows and the API accepts, and :func:`check_model` (run when
+``gateway.models`` is imported) refuses a model whose columns drifted from the shape.
 """
 
 from __future__ import annotations
 
 import types
 from dataclasses import dataclass, fields
-from typing import Any, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
+
+from gateway.config.fallbacks import Fallback
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,6 +38,18 @@ class BreakerSettings:
         }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModuleSettings(BreakerSettings):
+    """Every per-module setting: the breaker's, and the module's bulkhead (SPEC §10)."""
+
+    #: Upstream calls in flight at once, per process (``None``: the env
+    #: ``VX11_MODULE_<NAME>_MAX_CONCURRENT``; 0: no cap of its own, only the process cap).
+    max_concurrent: int | None = None
+    #: The choice of a target (SPEC §18): least_request | round_robin | session ("": the
+    #: env ``VX11_MODULE_<NAME>_LB``, else least_request).
+    lb: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class RouteFields:
     """The fields of a route that a database ``Route`` row may override."""
@@ -51,10 +65,16 @@ class RouteFields:
     streaming: bool = False  # answer streamed as it arrives
     context7: bool = False  # Context-7 session enrichment
     retry_post: bool = False  # POST retried with Idempotency-Key
+    idle_timeout: float = 60.0  # streaming: most silence between two chunks (SPEC §20)
+    max_duration: float = 3600.0  # streaming: the whole stream (SPEC §20)
+    fallbacks: tuple[Fallback, ...] = ()  # tried in order when the module cannot (SPEC §19)
+    fallback_on: str = ""  # triggers, a comma list ("": all but 429; SPEC §19)
 
 
 #: The breaker settings, in order (``Module`` columns, admin fieldset, snapshot).
 BREAKER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BreakerSettings))
+#: Every per-module setting, in order (``Module`` columns, the document's module keys).
+MODULE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModuleSettings))
 #: The overridable route fields, in order (``Route`` columns, admin form, API body).
 ROUTE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RouteFields))
 
@@ -69,6 +89,7 @@ _COLUMNS: dict[type, type[models.Field[Any, Any]]] = {
     int: models.IntegerField,
     float: models.FloatField,
     str: models.CharField,
+    tuple: models.JSONField,  # a list of options (``NULL``: inherit)
 }
 
 
@@ -82,7 +103,7 @@ def check_model(model: type[models.Model], shape: type) -> None:
     for f in fields(shape):
         hint = hints[f.name]
         kinds = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
-        kind = kinds[0] if isinstance(hint, types.UnionType) else hint
+        kind = kinds[0] if isinstance(hint, types.UnionType) else (get_origin(hint) or hint)
         column = model._meta.get_field(f.name)
         expected = _COLUMNS[kind]
         empty = isinstance(column, expected) and column.blank and (column.null or kind is str)

@@ -1,7 +1,7 @@
 """The versioned configuration snapshot: modules, routes and API clients.
 
 The hot path reads an immutable in-process :class:`Snapshot`. Every write of a
-``Module``, ``Route`` or ``ApiClient`` — a save or delete (signals), a bulk write
+``Module``, ``Target``, ``Route`` or ``ApiClient`` — a save or delete (signals), a bulk write
 (``ConfigQuerySet``), from the admin, the API, a command or a shell — announces
 itself (:func:`gateway.models.announce_change`, NetBox's ``ConfigRevision`` idea) in
 three places:
@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, cast
 from asgiref.sync import sync_to_async
 from django.db import connection
 
-from gateway.config.modules import ModuleInfo, build_modules
+from gateway.config.modules import ModuleInfo, TargetInfo, build_modules
 from gateway.config.routes import RouteConfig, build_routes
 from gateway.core.conf import gw
-from gateway.models import ApiClient, ConfigVersion, Module, Route
+from gateway.models import ApiClient, ConfigVersion, Module, Route, Target
 from gateway.state import store
 
 if TYPE_CHECKING:
@@ -83,7 +83,18 @@ def load_snapshot(version: int, local: int = 0) -> Snapshot:
         c.token_hash: ClientInfo(c.id, c.name, c.is_admin, c.rate_limit, c.protected_rate_limit)
         for c in ApiClient.objects.filter(active=True)
     }
-    return Snapshot(version, build_modules(rows), routes, clients, time.time(), local)
+    return Snapshot(
+        version, build_modules(rows, load_targets()), routes, clients, time.time(), local
+    )
+
+
+def load_targets() -> dict[str, tuple[TargetInfo, ...]]:
+    """Every module's ``Target`` rows, in id order (one query)."""
+    pools: dict[str, list[TargetInfo]] = {}
+    columns = ("module__name", "url", "weight", "enabled", "id")
+    for name, url, weight, enabled, pk in Target.objects.order_by("id").values_list(*columns):
+        pools.setdefault(name, []).append(TargetInfo(url, weight, enabled, pk))
+    return {name: tuple(found) for name, found in pools.items()}
 
 
 def watches_database() -> bool:

@@ -13,6 +13,9 @@ MODULE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")
 INTENT_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 TIMEOUT_MIN, TIMEOUT_MAX = 0.1, 600.0
+#: Streaming routes (SPEC §20): the silence between two chunks, the whole stream.
+IDLE_TIMEOUT_MIN, IDLE_TIMEOUT_MAX = 0.1, 3600.0
+MAX_DURATION_MIN, MAX_DURATION_MAX = 1.0, 86400.0
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
 #: Printable ASCII (SPEC §4): an endpoint is written upstream byte for byte, as latin-1.
 _PRINTABLE_ASCII_RE = re.compile(r"[!-~]*\Z")
@@ -80,6 +83,21 @@ def validate_timeout(value: float) -> float:
     if not TIMEOUT_MIN <= float(value) <= TIMEOUT_MAX:
         raise ValidationError(f"Timeout must be between {TIMEOUT_MIN} and {TIMEOUT_MAX:g} seconds.")
     return float(value)
+
+
+def stream_bound_errors(idle_timeout: float | None, max_duration: float | None) -> dict[str, str]:
+    """``{field: message}`` for a streaming route's ``idle_timeout`` / ``max_duration``
+    outside their ranges (``None``: inherited, fine)."""
+    errors: dict[str, str] = {}
+    if idle_timeout is not None and not IDLE_TIMEOUT_MIN <= idle_timeout <= IDLE_TIMEOUT_MAX:
+        errors["idle_timeout"] = (
+            f"Idle timeout must be between {IDLE_TIMEOUT_MIN} and {IDLE_TIMEOUT_MAX:g} s."
+        )
+    if max_duration is not None and not MAX_DURATION_MIN <= max_duration <= MAX_DURATION_MAX:
+        errors["max_duration"] = (
+            f"Max duration must be between {MAX_DURATION_MIN:g} and {MAX_DURATION_MAX:g} s."
+        )
+    return errors
 
 
 def validate_module_name(value: str) -> str:

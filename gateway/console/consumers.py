@@ -1,8 +1,9 @@
 """``/ws/events``: the live event stream for staff sessions and admin tokens (SPEC §13).
 
-On connect the client gets a ``snapshot`` (every module's breaker and health), then
-every event published on the channel layer group :data:`gateway.operations.events.GROUP`:
-``breaker.transition``, ``module.health``, ``route.changed``, ``cache.cleared``.
+On connect the client gets a ``snapshot`` (every module's breaker and health, and its
+targets with theirs), then every event published on the channel layer group
+:data:`gateway.operations.events.GROUP`: ``breaker.transition``, ``module.health``,
+``target.health``, ``target.ejected``, ``route.changed``, ``cache.cleared``.
 A client that reconnects resynchronises from the fresh snapshot; it may also ask
 for one at any time by sending ``{"type": "snapshot"}``.
 
@@ -43,6 +44,7 @@ from gateway.edge import auth
 from gateway.operations import events
 from gateway.operations import registry as services
 from gateway.operations.breakers import UNKNOWN_HEALTH, health_rows
+from gateway.operations.targets import target_list
 
 log = logging.getLogger("gateway.consumers")
 
@@ -61,12 +63,16 @@ async def state_snapshot() -> dict[str, Any]:
     snap = await holder.current()
     names = sorted(snap.modules)
     health = await database_sync_to_async(health_rows)()
+    pools = await database_sync_to_async(
+        lambda: {name: target_list(snap.modules[name]) for name in names}
+    )()
     modules = {
         name: {
             "url": snap.modules[name].url,
             "enabled": snap.modules[name].enabled,
             "health_path": snap.modules[name].health_path,
             **health.get(name, UNKNOWN_HEALTH),
+            "targets": pools[name],  # each with health, down, ejection (SPEC §18)
         }
         for name in names
     }

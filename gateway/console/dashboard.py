@@ -31,15 +31,16 @@ from django.views.decorators.http import require_POST
 from gateway.config.snapshot import holder
 from gateway.console.consumers import state_snapshot
 from gateway.console.middleware import problem_response
+from gateway.core import metrics
 from gateway.core.problems import AuthRequired, Forbidden, GatewayError, NotFound
-from gateway.operations import cache
+from gateway.operations import cache, configuration, registry
 from gateway.operations import health as healthcheck
 from gateway.operations.breakers import breaker_statuses, health_rows
 
 # --------------------------------------------------------------------------- presentation
 
 BREAKER_TONES = {"closed": "ok", "half_open": "warn", "open": "bad"}
-HEALTH_TONES = {"up": "ok", "down": "bad", "unknown": "idle"}
+HEALTH_TONES = {"up": "ok", "degraded": "warn", "down": "bad", "unknown": "idle"}
 #: Modules in trouble first (traffic.js adds "error % high" once the graphs load).
 TROUBLE = {"open": 4, "half_open": 3, "down": 3, "degraded": 2}
 
@@ -69,9 +70,43 @@ def _when(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, tz=UTC).strftime("%H:%M:%S UTC")
 
 
-def cards(state: dict[str, Any]) -> list[dict[str, Any]]:
+def bulkhead_text(bulkhead: dict[str, int] | None) -> str:
+    """Calls in flight / the module's own cap, this process (traffic.js renders the same)."""
+    if not bulkhead:
+        return "no cap of its own"
+    queued = f" · {bulkhead['queued']} queued" if bulkhead["queued"] else ""
+    return f"{bulkhead['inflight']} / {bulkhead['max_concurrent']}{queued}"
+
+
+def target_state(target: dict[str, Any], now: float) -> tuple[str, str]:
+    """A target's state as the card shows it, and its tone (dashboard.js renders the same):
+    disabled, ejected until …, down (its probe failed), up, or unknown (not probed yet)."""
+    if not target.get("enabled", True):
+        return "disabled", "idle"
+    until = target.get("ejected_until")
+    if until is not None and until > now:
+        return f"ejected until {_when(until)}", "warn"
+    status = (target.get("health") or {}).get("status", "unknown")
+    if target.get("down") or status == "down":
+        return "down", "bad"
+    return status, HEALTH_TONES.get(status, "idle")
+
+
+def target_rows(module: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    """Each target of a module's card: ``host:port``, weight, state, in flight."""
+    rows = []
+    for t in module.get("targets") or ():
+        label, tone = target_state(t, now)
+        rows.append({**t, "state": label, "tone": tone})
+    return rows
+
+
+def cards(
+    state: dict[str, Any], bulkheads: dict[str, dict[str, int]] | None = None
+) -> list[dict[str, Any]]:
     """What each module's card shows on first paint (dashboard.js renders the same)."""
     rows = []
+    heads = bulkheads or {}
     for name, module in state["modules"].items():
         breaker = state["breakers"].get(name, {})
         status = module.get("status", "unknown")
@@ -91,6 +126,8 @@ def cards(state: dict[str, Any]) -> list[dict[str, Any]]:
                 else f"{module['latency_ms']:.0f} ms",
                 "last_check": _when(module.get("last_check")),
                 "last_error": module.get("last_error", ""),
+                "bulkhead": bulkhead_text(heads.get(name)),
+                "targets": target_rows(module, state.get("time") or time.time()),
             }
         )
     rows.sort(
@@ -99,19 +136,38 @@ def cards(state: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def fallback_rows(routes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Routes with a fallback chain (SPEC §19): "chat → switch, falls back to madre", and
+    how often each fallback answered or was tried (this process, since it started)."""
+    taken = metrics.fallbacks_taken()
+    rows = []
+    for intent in sorted(routes):
+        route = routes[intent]
+        if not route["enabled"] or not route["fallbacks"]:
+            continue
+        chain = [
+            {"module": fb["module"], "taken": int(taken.get((intent, fb["module"]), 0))}
+            for fb in route["fallbacks"]
+        ]
+        rows.append({"intent": intent, "module": route["module"], "chain": chain})
+    return rows
+
+
 def dashboard_view(site: AdminSite) -> Callable[[HttpRequest], HttpResponse]:
     def view(request: HttpRequest) -> HttpResponse:
         state = async_to_sync(state_snapshot)()
+        bulkheads = registry.bulkhead_view(configuration.module_table())
         context = {
             **site.each_context(request),
             "title": "Live dashboard",
             "is_nav_sidebar_enabled": False,  # the cards need the width
-            "cards": cards(state),
+            "cards": cards(state, bulkheads),
             "breaker_url": "/vx11/circuit-breaker/",
             "probe_url": reverse("admin:dashboard-probe", args=["__module__"]),
             "clear_cache_url": reverse("admin:dashboard-clear-cache"),
             "ws_path": "/ws/events",
             "traffic_url": reverse("traffic"),
+            "fallbacks": fallback_rows(configuration.effective_routes()),
         }
         return TemplateResponse(request, "admin/gateway/dashboard.html", context)
 
@@ -200,6 +256,8 @@ def live_badge_columns() -> list[Callable[[Any], Any]]:
         text = row["status"]
         if row["status"] == "up" and row["latency_ms"] is not None:
             text += f" · {row['latency_ms']:.0f} ms"
+        elif row["status"] == "degraded" and row["last_error"]:
+            text += " · " + row["last_error"].split(":", 1)[0]  # "1 of 3 targets down"
         return badge(text, HEALTH_TONES.get(row["status"], "idle"))
 
     @admin.display(description="Breaker state")

@@ -2,7 +2,9 @@
 
 Per module, one point per 10 s bucket over the last ``minutes`` (1 to 15): requests,
 requests per second, error %, p50/p99 latency (ms) and rate-limit rejections, summed over
-every process when Redis is configured (``gateway.operations.traffic``). The same callers
+every process when Redis is configured (``gateway.operations.traffic``); and ``bulkheads``:
+each module with a ``max_concurrent`` cap, its calls in flight and queued in the process
+that answers (a cap is per process). The same callers
 as ``/ws/events``: a staff session, or an admin token (``X-VX11-Token`` /
 ``Authorization: Bearer``); others get problem+json 401/403.
 """
@@ -17,6 +19,7 @@ from gateway.core import correlation
 from gateway.core.conf import gw
 from gateway.core.problems import AuthRequired, Forbidden, GatewayError
 from gateway.edge import auth
+from gateway.operations import registry
 from gateway.operations.traffic import traffic
 
 
@@ -45,6 +48,9 @@ async def traffic_view(request: HttpRequest) -> HttpResponse:
         return problem_response(refused, correlation.current.get())
     raw = request.GET.get("minutes", "15")
     minutes = int(raw) if raw.isdigit() else 15
-    response = JsonResponse(await traffic.series(minutes))
+    body = await traffic.series(minutes)
+    # Each capped module's bulkhead, in this process (its cap is per process too).
+    body["bulkheads"] = registry.bulkhead_view((await holder.current()).modules)
+    response = JsonResponse(body)
     response["Cache-Control"] = "no-store"
     return response

@@ -38,6 +38,13 @@ def _fail_mode(value: str) -> FailMode:
     return cast("FailMode", mode)
 
 
+def _heartbeat(value: float) -> float:
+    """0 (off) or at least a second: a sub-second beat would be a timer storm per stream."""
+    if 0 < value < 1:
+        raise EnvError(f"VX11_SSE_HEARTBEAT_SECONDS must be 0 (off) or >= 1, got {value:g}")
+    return value
+
+
 class GatewaySettings:
     """Attribute access to every knob: ``gw.rate_limit_token``, ``gw.cb_enabled`` …"""
 
@@ -68,6 +75,20 @@ class GatewaySettings:
     trusted_proxies = knob("VX11_TRUSTED_PROXIES", [], "CIDRs whose X-Forwarded-For is trusted.")
     upstream_pool_size = knob(
         "VX11_UPSTREAM_POOL_SIZE", 512, "Upstream connections kept per process.", minimum=1
+    )
+    connect_timeout = knob(
+        "VX11_CONNECT_TIMEOUT",
+        5.0,
+        "Most seconds a connect to a module takes (inside the route's deadline).",
+        minimum=0.01,
+    )
+    sse_heartbeat_seconds = knob(
+        "VX11_SSE_HEARTBEAT_SECONDS",
+        15.0,
+        "An idle SSE answer gets a `: keep-alive` comment this often, at event boundaries "
+        "(0: off; else at least 1 s).",
+        minimum=0,
+        convert=_heartbeat,
     )
     route_refresh_seconds = knob(
         "VX11_ROUTE_REFRESH_SECONDS",
@@ -118,6 +139,28 @@ class GatewaySettings:
     retry_budget_min = knob(
         "VX11_RETRY_BUDGET_MIN", 3, "Retries always allowed in flight per module.", minimum=0
     )
+    # --- outlier ejection (targets of a module) -----------------------------
+    outlier_consecutive_failures = knob(
+        "VX11_OUTLIER_CONSECUTIVE_FAILURES",
+        5,
+        "Consecutive gateway failures (connect error, timeout, 502/503/504) that eject a target.",
+        minimum=1,
+    )
+    outlier_base_ejection_seconds = knob(
+        "VX11_OUTLIER_BASE_EJECTION_SECONDS",
+        30.0,
+        "A target's ejection lasts this × its ejection count (+0–10 % jitter).",
+        minimum=0.1,
+    )
+    outlier_max_ejection_seconds = knob(
+        "VX11_OUTLIER_MAX_EJECTION_SECONDS", 300.0, "Longest ejection (before jitter).", minimum=0.1
+    )
+    outlier_max_ejection_percent = knob(
+        "VX11_OUTLIER_MAX_EJECTION_PERCENT",
+        50,
+        "Most targets of a module ejected at once, in percent (one may always be).",
+        minimum=0,
+    )
     # --- rate limits ------------------------------------------------------
     rate_limit_enabled = knob("VX11_RATE_LIMIT_ENABLED", True, "Rate limiting on.")
     rate_limit_enforce = knob(
@@ -167,6 +210,12 @@ class GatewaySettings:
     )
     queue_max = knob(
         "VX11_QUEUE_MAX", 1000, "Waiters queued per process before shedding.", minimum=0
+    )
+    module_queue_max = knob(
+        "VX11_MODULE_QUEUE_MAX",
+        1000,
+        "Waiters queued per module at its max_concurrent cap before shedding.",
+        minimum=0,
     )
     max_connections = knob(
         "VX11_MAX_CONNECTIONS",
@@ -303,7 +352,20 @@ def reference_markdown() -> str:
         "| `VX11_VAR_DIR` | `./var` | Where the SQLite file and generated secrets live |",
         "| `VX11_LOG_LEVEL` | INFO | Level of the JSON logs |",
         "| `VX11_MODULE_<NAME>_URL` | code default | Module base URL, e.g. "
-        "`VX11_MODULE_SWITCH_URL`; `VX11_SHUB_UPSTREAM` is an alias for shub |",
+        "`VX11_MODULE_SWITCH_URL`; `VX11_SHUB_UPSTREAM` is an alias for shub. A comma-separated "
+        "list is the module's targets (replicas), e.g. `http://10.0.0.5:8002,http://10.0.0.6:8002`: "
+        "each item `http(s)://host[:port]`, no two with the same `host:port` (an invalid list is "
+        "ignored whole, `manage.py check` names the item: `gateway.E002`); the module's `Target` "
+        "rows replace it |",
+        "| `VX11_MODULE_<NAME>_LB` | least_request | How a target is chosen: `least_request`, "
+        "`round_robin` or `session` (`gateway.E004` when invalid); the `Module` row's `lb` "
+        "overrides it |",
+        "| `VX11_MODULE_<NAME>_MAX_CONCURRENT` | 0 | The module's own cap on upstream calls "
+        "in flight per process (0: only `VX11_MAX_INFLIGHT`); the `Module` row's "
+        "`max_concurrent` overrides it |",
+        "| `OTEL_EXPORTER_OTLP_ENDPOINT` | (unset: no tracing) | OpenTelemetry traces over "
+        "OTLP/HTTP to this collector (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); the other "
+        "standard `OTEL_*` variables apply: docs/DEPLOYMENT.md, Tracing |",
         "",
         "Gateway knobs (`VX11_*`), read lazily by `gateway.core.conf.gw`:",
         "",

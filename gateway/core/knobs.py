@@ -109,6 +109,15 @@ def knob(env: str, default: int, help: str, *, minimum: int | None = None) -> Kn
 @overload
 def knob(env: str, default: float, help: str, *, minimum: float | None = None) -> Knob[float]: ...
 @overload
+def knob[R](
+    env: str,
+    default: float,
+    help: str,
+    *,
+    minimum: float | None = None,
+    convert: Callable[[float], R],
+) -> Knob[R]: ...
+@overload
 def knob(env: str, default: str, help: str, *, secret: bool = False) -> Knob[str]: ...
 @overload
 def knob[R](env: str, default: str, help: str, *, convert: Callable[[str], R]) -> Knob[R]: ...

@@ -71,6 +71,127 @@ MODULE_UP = Gauge(
     ["module"],
     multiprocess_mode="mostrecent",
 )
+# --- streamed answers (SPEC §20) ----------------------------------------------------
+#: Seconds to hours: a first token in 50 ms … a generation of an hour.
+_STREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+STREAM_FIRST_BYTE = Histogram(
+    "vx11_stream_first_byte_seconds",
+    "Streaming routes: from the request to the module's first body byte",
+    ["module"],
+    buckets=_STREAM_BUCKETS,
+)
+STREAM_DURATION = Histogram(
+    "vx11_stream_duration_seconds",
+    "Streaming routes: from the answer's head to the stream's end (any end)",
+    ["module"],
+    buckets=_STREAM_BUCKETS,
+)
+STREAM_CUTS = Counter(
+    "vx11_stream_cuts", "Streams the gateway cut", ["module", "reason"]
+)  # reason: idle | max_duration
+
+
+def stream_first_byte(module: str, seconds: float) -> None:
+    _child(STREAM_FIRST_BYTE, module).observe(seconds)
+
+
+def stream_end(module: str, seconds: float, cut: str | None) -> None:
+    _child(STREAM_DURATION, module).observe(seconds)
+    if cut is not None:
+        _child(STREAM_CUTS, module, cut).inc()
+
+
+# --- bulkheads (SPEC §10) -----------------------------------------------------------
+MODULE_INFLIGHT = Gauge(
+    "vx11_module_inflight",
+    "Upstream calls in flight per module with a max_concurrent cap (its bulkhead)",
+    ["module"],
+    multiprocess_mode="livesum",
+)
+
+
+def module_inflight(module: str, value: int) -> None:
+    """The module's bulkhead holders now (set when a slot is taken or given back)."""
+    _child(MODULE_INFLIGHT, module).set(value)
+
+
+# --- fallback chains (SPEC §19) -----------------------------------------------------
+FALLBACKS = Counter(
+    "vx11_fallbacks",
+    "Requests moved from one option of a route's fallback chain to the next",
+    ["intent", "from_module", "to_module", "reason"],
+)  # reason: circuit_open | overloaded | unavailable | timeout | 5xx | 429
+
+
+def fallback(intent: str, from_module: str, to_module: str, reason: str) -> None:
+    _child(FALLBACKS, intent, from_module, to_module, reason).inc()
+
+
+def fallbacks_taken() -> dict[tuple[str, str], float]:
+    """This process's hops by ``(intent, to_module)``, every reason summed (the dashboard)."""
+    taken: dict[tuple[str, str], float] = {}
+    for family in FALLBACKS.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = (sample.labels["intent"], sample.labels["to_module"])
+                taken[key] = taken.get(key, 0.0) + sample.value
+    return taken
+
+
+# --- tracing (SPEC §22) -------------------------------------------------------------
+TRACE_SPANS_DROPPED = Counter(
+    "vx11_tracing_spans_dropped",
+    "Finished spans never exported: the export queue was full, or the collector failed",
+    ["reason"],
+)  # reason: queue_full | export_failed
+
+
+def trace_spans_dropped(reason: str, count: int = 1) -> None:
+    """Called from the exporting thread too (prometheus_client's values are thread-safe)."""
+    _child(TRACE_SPANS_DROPPED, reason).inc(count)
+
+
+# --- module pools: per-target requests and ejections (SPEC §12, §18) ------------------
+TARGET_REQUESTS = Counter(
+    "vx11_target_requests",
+    "Upstream attempts per target of a module (status: the answer's, or the gateway error's)",
+    ["module", "target", "status"],
+)
+TARGET_EJECTIONS = Counter(
+    "vx11_target_ejections",
+    "Outlier ejections that began, per target (counted once over every process)",
+    ["module", "target"],
+)
+
+
+def target_request(module: str, target: str, status: int | str) -> None:
+    """One attempt to ``target`` (``host:port``) of ``module`` ended with ``status``."""
+    _child(TARGET_REQUESTS, module, target, str(status)).inc()
+
+
+def target_ejected(module: str, target: str) -> None:
+    _child(TARGET_EJECTIONS, module, target).inc()
+
+
+# --- active health per target (SPEC §12, §18) ---------------------------------------
+TARGET_UP = Gauge(
+    "vx11_target_up",
+    "1 when the target's last health probe passed (set by the worker, re-read at scrape)",
+    ["module", "target"],
+    multiprocess_mode="mostrecent",
+)
+
+
+def target_up(module: str, target: str, up: bool) -> None:
+    TARGET_UP.labels(module, target).set(1 if up else 0)  # not memoised: targets_up clears
+
+
+def targets_up(found: dict[tuple[str, str], bool]) -> None:
+    """Every target's gauge at once (scrape time): a removed target's series goes away."""
+    TARGET_UP.clear()
+    for (module, target), up in found.items():
+        target_up(module, target, up)
+
 
 STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 

@@ -134,9 +134,16 @@ class CircuitOpen(GatewayError):
 class ServiceOverloaded(GatewayError):
     status, code, title = 503, "service_overloaded", "Service overloaded"
 
-    def __init__(self, retry_after: float = 1.0, **extra: Any) -> None:
+    def __init__(
+        self, retry_after: float = 1.0, *, module: str | None = None, **extra: Any
+    ) -> None:
+        """``module``: shed by that module's own cap (its bulkhead), not the process's."""
+        if module is not None:
+            extra["module"] = module
         super().__init__(
-            "The gateway is at capacity; retry shortly.",
+            "The gateway is at capacity; retry shortly."
+            if module is None
+            else f"Module {module!r} is at its concurrency cap; retry shortly.",
             headers={"Retry-After": retry_after_value(retry_after)},
             retry_after=math.ceil(retry_after),
             **extra,

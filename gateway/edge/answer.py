@@ -12,17 +12,25 @@ permit, unrecorded. Whoever reads the body records the outcome once it is known:
   half-open probe's slot is free at once): what a client does is never the module's
   failure — but a failure status (a 503 whose reader left) is still recorded;
 - a streamed answer of a half-open probe is settled at its head, so the probe's lease is
-  not held for the length of the stream.
+  not held for the length of the stream;
+- a streaming route's answer cut by the gateway (``gateway.edge.stream``, SPEC §20): an
+  idle cut is the module's failure (it stalled: Envoy counts a stream idle timeout as a
+  504 of the cluster), a ``max_duration`` cut is not (the stream was healthy; the route's
+  policy ended it).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 from gateway.core.asgi import Message, Receive, Send
 from gateway.core.problems import GatewayError
 from gateway.edge.call import Call
 from gateway.edge.headers import edge
+from gateway.edge.stream import IDLE, StreamCut, pump
+from gateway.edge.targets import counted, is_failure, outcome, report
 from gateway.operations import registry as services
 from gateway.policies.breaker import CLOSED, Permit
 from gateway.upstream import UpstreamResponse, hop
@@ -70,6 +78,8 @@ def response_headers(
     out.append((b"x-vx11-module", call.module.name.encode()))
     if call.attempts:
         out.append((b"x-vx11-attempts", str(call.attempts).encode()))
+    if call.chosen is not None:  # SPEC §18: the host:port that answered
+        out.append((b"x-vx11-target", call.chosen.key.encode()))
     out.extend(call.response_headers)
     return out
 
@@ -92,6 +102,7 @@ async def settle(
         probe_id=permit.probe_id,
         permit=permit,
     )
+    await outcome(call, svc, response.status, broken or is_failure(response.status))
 
 
 async def read_answer(
@@ -199,23 +210,23 @@ async def stream_response(
         if size is not None and size <= SMALL_ANSWER:
             await send_small(call, response, send, svc, permit)
             return
-    settled = False
-    if permit.probe_id is not None:
-        # A half-open probe's lease (30 s) must not last as long as the stream (minutes, or
-        # as long as a slow reader likes): its outcome is its head's status.
+    settled = permit.probe_id is not None
+    if settled:  # a half-open probe's lease (30 s) must not last a stream: its head decides
         await settle(call, svc, response, permit, False)
-        permit, settled = _SETTLED_AT_HEAD, True
+        permit = _SETTLED_AT_HEAD
     finished = False
     try:
-        await _write_stream(call, response, send, watch)
+        cut = await _write(call, response, send, watch, streaming)
         finished = True
-        response.release()
-    except GatewayError:  # the module's body broke off (iter_chunks)
+        response.release() if cut is None else response.close()  # cut: not complete
+    except GatewayError as exc:  # the body broke off, or a cut that is not SSE (StreamCut)
         if watch is not None:
             watch.done = True  # the outcome is recorded whatever the client does now
         response.close()
         finished = True
-        await settle(call, svc, response, permit, True)
+        broken = not isinstance(exc, StreamCut) or exc.reason == IDLE
+        if broken or not settled:  # a probe settled at its head: only a break is news
+            await settle(call, svc, response, permit, broken)
         raise
     except asyncio.CancelledError:
         left = watch is not None and watch.fired and watch.task is not None
@@ -238,7 +249,22 @@ async def stream_response(
         if not finished:
             response.close()  # closes the module's connection: its request is cancelled
     if not settled:
-        await settle(call, svc, response, permit, False)
+        await settle(call, svc, response, permit, cut == IDLE)
+
+
+def _write(
+    call: Call,
+    response: UpstreamResponse,
+    send: Send,
+    watch: ClientWatch | None,
+    streaming: bool,
+) -> Coroutine[Any, Any, str | None]:
+    """A streaming route's answer under its stream timers (``gateway.edge.stream``: why it
+    was cut, or ``None``), any other answer of unknown size as it comes (``None``). Returns
+    the coroutine itself: no extra frame per answer."""
+    if streaming:
+        return pump(call, response, send, watch, response_headers(call, response.headers))
+    return _write_stream(call, response, send, watch)
 
 
 async def _write_stream(
@@ -286,6 +312,10 @@ async def send_small(
         probe_id=permit.probe_id,
         permit=permit,
     )
+    failure = is_failure(response.status)
+    pool = counted(call, svc, response.status, failure)
+    if pool is not None:
+        await report(call, svc, pool, failure)
     await send(
         {
             "type": "http.response.start",

@@ -17,6 +17,7 @@ from gateway.core.problems import GatewayError, ShubUnavailable, UpstreamUnavail
 from gateway.edge.auth import Principal
 from gateway.edge.headers import edge
 from gateway.edge.request import Request
+from gateway.policies.balancer import TargetView
 from gateway.upstream import hop
 
 SHUB_PREFIX = "/shub"
@@ -48,6 +49,10 @@ class Call:
     body_complete: bool = False  # the whole request body has been received
     client_gone: bool = False
     upstream_seconds: float | None = None
+    fallback: str | None = None  # the hops of a fallback chain that answered (SPEC §19)
+    chosen: TargetView | None = None  # the last attempt's target (X-VX11-Target, SPEC §18)
+    holds: TargetView | None = None  # the target whose in-flight count this call holds
+    session_key: str | None = None  # Context-7's session id, for lb=session
 
     @property
     def correlation_id(self) -> str:

@@ -20,10 +20,12 @@ from gateway.core import metrics
 from gateway.core.asgi import Receive, Send
 from gateway.core.conf import gw
 from gateway.core.problems import TooManyRequests
+from gateway.edge import fallback, tracing
 from gateway.edge.answer import read_answer, send_buffered, stream_response
 from gateway.edge.body import read_all, read_small
 from gateway.edge.call import HEALTH_PATHS, Call
 from gateway.edge.exchange import forward, retryable, slot
+from gateway.edge.fallback import has_fallbacks
 from gateway.operations import registry as services
 from gateway.policies.breaker import Permit
 from gateway.policies.ratelimit import ratelimit_headers
@@ -60,6 +62,8 @@ def has_body(call: Call) -> bool:
 
 async def handle(call: Call, receive: Receive, send: Send) -> None:
     svc = services.get()
+    if tracing.enabled:
+        tracing.annotate(call)
     if (
         call.kind == "shub"
         and call.method == "GET"
@@ -77,10 +81,19 @@ async def handle(call: Call, receive: Receive, send: Send) -> None:
     # rate-limit decision (one store round trip for both; gateway/policies/admission.py).
     permit = await rate_limit(call, svc, upstream_next=True)
     body: Body = await read_small(call, receive) if has_body(call) else None
-    if body is not None and not isinstance(body, bytes) and retryable(call) and replay_fits(call):
+    chain = has_fallbacks(call)
+    if (
+        body is not None
+        and not isinstance(body, bytes)
+        and (chain or retryable(call))
+        and replay_fits(call)
+    ):
         body = b"".join([chunk async for chunk in body])  # replayable, at most REPLAY_LIMIT
     if body is None or isinstance(body, bytes):
         call.body_complete = True
+    if chain:  # SPEC §19: the module, then each fallback (gateway/edge/fallback.py)
+        await fallback.serve(call, body, svc, permit, send, receive)
+        return
     async with slot(call, svc):
         response, permit = await forward(call, body, svc, permit)
         await stream_response(call, response, send, receive, svc, permit)
@@ -108,6 +121,8 @@ async def rate_limit(
         metrics.rate_limited(decision.refused_by.name)
     if not decision.allowed:
         scope = decision.refused_by.name if decision.refused_by else "token"
+        if tracing.enabled:
+            tracing.event("vx11.rate_limited", scope=scope, retry_after=decision.retry_after)
         raise TooManyRequests(scope, decision.retry_after, headers)
     call.response_headers.extend(
         (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
@@ -170,12 +185,19 @@ async def serve_context7(call: Call, svc: services.Services, receive: Receive, s
     raw = await read_all(call, receive)
     turn = await enrich.begin(call.principal.id, raw, call.request.session)
     call.response_headers.append((b"x-vx11-session", turn.session_id.encode()))
-    async with slot(call, svc):
-        response, permit = await forward(call, turn.body, svc)
-        body = await read_answer(call, svc, response, permit, gw.max_body_bytes)
-    content_type = response.header("Content-Type")
-    body = await enrich.finish(turn, response.status, content_type, body)
-    await send_buffered(call, send, response.status, response.headers, body)
+    call.session_key = turn.session_id  # lb=session keeps a conversation on one target
+    if has_fallbacks(call):  # the enriched body goes to every option (SPEC §19)
+        answer = await fallback.fetch(call, turn.body, svc, gw.max_body_bytes)
+        status, headers, body = answer.status, answer.headers, answer.body
+        content_type = answer.header("Content-Type")
+    else:
+        async with slot(call, svc):
+            response, permit = await forward(call, turn.body, svc)
+            body = await read_answer(call, svc, response, permit, gw.max_body_bytes)
+        status, headers = response.status, response.headers
+        content_type = response.header("Content-Type")
+    body = await enrich.finish(turn, status, content_type, body)
+    await send_buffered(call, send, status, headers, body)
 
 
 __all__ = [

@@ -101,6 +101,8 @@ async def send_problem(send: Send, exc: GatewayError, cid: str, call: Call | Non
     if call is not None:
         if call.attempts:
             raw.append((b"x-vx11-attempts", str(call.attempts).encode()))
+        if call.chosen is not None:  # an attempt was made: the last target tried
+            raw.append((b"x-vx11-target", call.chosen.key.encode()))
         raw.extend(call.response_headers)
     await send_bytes(send, status, raw, body)
 

@@ -37,6 +37,7 @@ from gateway.config.modules import ModuleInfo
 from gateway.models import BreakerCommand, BreakerState, ModuleHealth, announce_change
 from gateway.operations import events, registry
 from gateway.operations.configuration import module_table
+from gateway.operations.targets import target_list
 from gateway.policies.breaker import CircuitBreaker
 from gateway.state import store
 from gateway.state.values import CLOSED, FORCE_ACTIONS, BreakerStatus, report
@@ -210,20 +211,34 @@ def force_many(
     return [(name, force_breaker(name, action, table)) for name in names if name in table]
 
 
-def module_overview() -> list[dict[str, Any]]:
-    """Every module with its URL, stored health and breaker state (``GET /vx11/modules``)."""
+def module_overview(names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every module (or those of ``names``) with its URL, stored health, breaker state and
+    bulkhead (``GET /vx11/modules[/{module}]``): ``max_concurrent`` is the effective cap (0:
+    none of its own), ``inflight`` / ``queued`` this process's use of it (``None``: no cap)."""
     table = module_table()
+    wanted = sorted(table) if names is None else [n for n in names if n in table]
     health = health_rows()
-    breakers = breaker_statuses(table)
-    return [
-        {
-            "name": name,
-            "url": info.url,
-            "enabled": info.enabled,
-            "source": info.source,
-            "health_path": info.health_path,
-            "health": health.get(name, UNKNOWN_HEALTH),
-            "breaker": breakers[name].as_dict(),
-        }
-        for name, info in sorted(table.items())
-    ]
+    breakers = breaker_statuses(table, wanted)
+    usage = registry.module_usage()
+    found = []
+    for name in wanted:
+        info = table[name]
+        cap = info.max_concurrent or 0
+        inflight, queued = usage.get(name, (0, 0)) if cap else (None, None)
+        found.append(
+            {
+                "name": name,
+                "url": info.url,
+                "lb": info.lb,
+                "targets": target_list(info),
+                "enabled": info.enabled,
+                "source": info.source,
+                "health_path": info.health_path,
+                "health": health.get(name, UNKNOWN_HEALTH),
+                "breaker": breakers[name].as_dict(),
+                "max_concurrent": cap,
+                "inflight": inflight,
+                "queued": queued,
+            }
+        )
+    return found

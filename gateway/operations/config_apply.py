@@ -17,7 +17,8 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from gateway.config.versioning import ConfigVersion
-from gateway.models import ApiClient
+from gateway.models import ApiClient, Module
+from gateway.operations import config_targets
 from gateway.operations.config_doc import (
     KEY_COLUMN,
     MODELS,
@@ -75,6 +76,8 @@ def diff(planned: Planned, *, prune: bool) -> list[Change]:
                 continue
             old, new = row_values(section, before), row_values(section, wanted[name])
             moved = tuple(key for key in old if old[key] != new[key])
+            if section == "modules" and _targets_move(planned, name):
+                moved += ("targets",)
             if moved:
                 changes.append(Change("changed", section, name, moved))
         if prune:
@@ -82,6 +85,13 @@ def diff(planned: Planned, *, prune: bool) -> list[Change]:
                 Change("removed", section, name) for name in sorted(set(stored) - set(wanted))
             )
     return changes
+
+
+def _targets_move(planned: Planned, name: str) -> bool:
+    """Whether the module entry's ``targets`` list changes its rows."""
+    wanted = planned.targets.get(name)
+    stored = planned.stored_targets.get(name, [])
+    return wanted is not None and config_targets.targets_differ(wanted, stored)
 
 
 def _write(planned: Planned, changes: list[Change]) -> dict[str, str]:
@@ -99,6 +109,9 @@ def _write(planned: Planned, changes: list[Change]) -> dict[str, str]:
             if "active" in change.fields or change.action == "added":
                 row.revoked_at = None if row.active else timezone.now()
         row.save()
+        if isinstance(row, Module) and change.name in planned.targets:
+            stored = planned.stored_targets.get(change.name, [])
+            config_targets.write_targets(row, planned.targets[change.name], stored)
     return tokens
 
 

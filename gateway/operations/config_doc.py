@@ -2,7 +2,8 @@
 
 A document has up to three sections, each a mapping by name::
 
-    modules:  {switch: {url: http://10.0.0.5:8002, failure_threshold: 3}}
+    modules:  {switch: {url: http://10.0.0.5:8002, failure_threshold: 3, max_concurrent: 16}}
+    modules:  {switch: {lb: round_robin, targets: [{url: http://10.0.0.5:8002, weight: 50}]}}
     routes:   {chat: {timeout: 30}, summarise: {module: madre, endpoint: /madre/sum}}
     clients:  {ci: {admin: false, active: true, rate_limit: 100}}
 
@@ -15,7 +16,8 @@ pruned), as decK does with a file that selects only some entities.
 Validation reuses the models' own checks (``full_clean``: the field validators of
 ``gateway.config.validation`` and ``Module.clean`` / ``Route.clean``) on unsaved rows, and
 reports every error with its path (``routes.chat.timeout: ...``). ``config_apply`` diffs and
-writes.
+writes. A module entry's ``targets`` (its ``Target`` rows) are read and written by
+``config_targets``, which says what a list replaces.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import yaml
 from django.core.exceptions import ValidationError
 from django.db import models
 
-from gateway.config.modules import CODE_MODULES, env_overrides
-from gateway.config.routes import OVERRIDABLE
-from gateway.config.shapes import BREAKER_FIELDS
-from gateway.models import ApiClient, Module, Route
+from gateway.config import fallbacks
+from gateway.config.modules import CODE_MODULES, TargetInfo, env_overrides
+from gateway.config.routes import CODE_ROUTES, OVERRIDABLE
+from gateway.config.shapes import MODULE_FIELDS
+from gateway.models import ApiClient, Module, Route, Target
+from gateway.operations import config_targets, config_values
 
 SECTIONS: tuple[str, ...] = ("modules", "routes", "clients")
 #: The document's keys per section, and the model column each one is.
@@ -40,7 +44,7 @@ COLUMNS: dict[str, dict[str, str]] = {
         "url": "url",
         "health_path": "health_path",
         "enabled": "enabled",
-        **{name: name for name in BREAKER_FIELDS},
+        **{name: name for name in MODULE_FIELDS},  # breaker settings, max_concurrent
     },
     "routes": {**{name: name for name in OVERRIDABLE}, "enabled": "enabled"},
     "clients": {
@@ -96,6 +100,9 @@ def build_document() -> dict[str, Any]:
         key = KEY_COLUMN[section]
         rows = MODELS[section]._default_manager.order_by(key)
         doc[section] = {getattr(row, key): entry_of(section, row) for row in rows}
+    for name, items in config_targets.export_targets().items():
+        if name in doc["modules"]:
+            doc["modules"][name]["targets"] = items
     return doc
 
 
@@ -109,7 +116,7 @@ def dump(doc: dict[str, Any], fmt: str = "yaml") -> str:
 def parse(text: str | bytes) -> dict[str, Any]:
     """A document from YAML or JSON text (JSON is YAML); a bad one is a ``DocumentError``."""
     try:
-        loaded = yaml.safe_load(text)
+        loaded = config_values.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -130,6 +137,10 @@ class Planned:
 
     rows: dict[str, dict[str, models.Model]] = field(default_factory=dict)
     existing: dict[str, dict[str, models.Model]] = field(default_factory=dict)
+    #: The modules whose entry lists ``targets``: the whole list each wants, and the rows
+    #: every module has now.
+    targets: dict[str, tuple[TargetInfo, ...]] = field(default_factory=dict)
+    stored_targets: dict[str, list[Target]] = field(default_factory=dict)
 
 
 def _messages(exc: ValidationError) -> dict[str, list[str]]:
@@ -159,6 +170,24 @@ def _row_for(
     return row
 
 
+def _typed(section: str, entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The entry with ``null`` values and values of the wrong kind left out (the column's
+    default stands in), and the second: ``{key: why}`` (``config_values.value_error``)."""
+    model = MODELS[section]
+    kept: dict[str, Any] = {}
+    wrong: dict[str, str] = {}
+    for key, value in entry.items():
+        column = COLUMNS[section].get(key)
+        if column is None or value is None:
+            continue
+        found = config_values.value_error(model._meta.get_field(column), value)  # type: ignore[arg-type]
+        if found is None:
+            kept[key] = value
+        else:
+            wrong[key] = found
+    return kept, wrong
+
+
 def _check_entry(
     section: str, name: Any, entry: Any, existing: models.Model | None, modules: set[str]
 ) -> tuple[models.Model | None, list[str]]:
@@ -171,22 +200,44 @@ def _check_entry(
     if not isinstance(entry, dict):
         return None, [f"{where}: must be a mapping of fields, not {type(entry).__name__}"]
     errors = [f"{where}.{key}: unknown field" for key in entry if key not in COLUMNS[section]]
+    entry, wrong = _typed(section, entry)
+    errors.extend(f"{where}.{key}: {message}" for key, message in wrong.items())
     row = _row_for(section, name, entry, existing)
     exclude = ["module"] if section == "routes" else []
+    exclude += [COLUMNS[section][key] for key in wrong]  # reported already
     try:
         row.full_clean(exclude=exclude, validate_unique=existing is None)
+    except (TypeError, ValueError) as exc:  # a model check that met a value it can't compare
+        errors.append(f"{where}: {exc}")
     except ValidationError as exc:
         keys = {column: key for key, column in COLUMNS[section].items()}
         for column, msgs in _messages(exc).items():
             if section == "routes" and column == "module":  # checked below, with the document's
                 msgs = [m for m in msgs if not m.startswith("Unknown module")]
+            if section == "routes" and column == "fallbacks":  # modules: also checked below
+                msgs = [m for m in msgs if fallbacks.UNKNOWN_MODULE not in m]
             path = (
                 f"{where}.{keys.get(column, column)}" if column and column != "__all__" else where
             )
             errors.extend(f"{path}: {m}" for m in msgs)
     if section == "routes":
         errors.extend(_check_route_module(where, row, modules))
+        errors.extend(_check_route_fallbacks(where, row, modules))
     return row, errors
+
+
+def _check_route_fallbacks(where: str, row: models.Model, modules: set[str]) -> list[str]:
+    """The fallbacks' modules against the modules the document leaves (``Route.clean``
+    knew only the stored ones); a valid list is stored in its canonical form."""
+    assert isinstance(row, Route)
+    if not row.fallbacks:
+        return []
+    base = CODE_ROUTES.get(row.intent)
+    primary = row.module or (base.module if base else "")
+    found = fallbacks.fallback_errors(row.fallbacks, primary, modules)
+    if not found:
+        row.fallbacks = fallbacks.normalise(row.fallbacks)
+    return [f"{where}.fallbacks: {m}" for m in found if fallbacks.UNKNOWN_MODULE in m]
 
 
 def _check_route_module(where: str, row: models.Model, modules: set[str]) -> list[str]:
@@ -234,12 +285,48 @@ def validate(doc: dict[str, Any], *, prune: bool = False) -> Planned:
         key = KEY_COLUMN[section]
         stored = {getattr(r, key): r for r in MODELS[section]._default_manager.all()}
         planned.existing[section] = stored
+        if section == "modules":
+            planned.stored_targets = config_targets.stored_targets()
         planned.rows[section] = {}
-        for name, entry in entries.items():
+        for name, listed in entries.items():
+            entry = _split_targets(planned, section, name, listed, errors)
             row, found = _check_entry(section, name, entry, stored.get(name), modules)
             errors.extend(found)
             if row is not None:
                 planned.rows[section][name] = row
+    errors.extend(_orphans(doc, modules, prune))
     if errors:
         raise DocumentError(errors)
     return planned
+
+
+def _split_targets(planned: Planned, section: str, name: Any, entry: Any, errors: list[str]) -> Any:
+    """A module entry without its ``targets``, which go to ``planned.targets`` once checked."""
+    if section != "modules" or not isinstance(entry, dict) or entry.get("targets") is None:
+        return entry
+    found, problems = config_targets.check_targets(f"modules.{name}.targets", entry["targets"])
+    errors.extend(problems)
+    if found is not None and isinstance(name, str):
+        planned.targets[name] = found
+    return {key: value for key, value in entry.items() if key != "targets"}
+
+
+def _orphans(doc: dict[str, Any], modules: set[str], prune: bool) -> list[str]:
+    """Stored routes the document keeps (it does not list them, and does not prune them)
+    whose module or fallback module the document removes."""
+    listed = doc.get("routes")
+    if isinstance(listed, dict) and prune:
+        return []  # every stored route is listed (and checked) or removed
+    keep = Route.objects.exclude(intent__in=list(listed) if isinstance(listed, dict) else [])
+    errors: list[str] = []
+    for row in keep:
+        used: list[object] = [row.module] if row.module else []
+        if isinstance(row.fallbacks, list):
+            used += [f.get("module") for f in row.fallbacks if isinstance(f, dict)]
+        errors.extend(
+            f"routes.{row.intent}: module {name!r} is removed by this document "
+            "(list the route, or keep the module)"
+            for name in used
+            if isinstance(name, str) and name and name not in modules
+        )
+    return errors

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.config.modules import CODE_MODULES, ModuleInfo, env_overrides
+from gateway.config.modules import CODE_MODULES, ModuleInfo, env_overrides, env_targets
 from gateway.config.routes import build_routes
 from gateway.config.snapshot import load_snapshot
 from gateway.models import Route
@@ -28,8 +28,9 @@ def module_url(name: str, stored: str = "") -> str:
 
 
 def module_defaults(name: str) -> tuple[str | None, str | None]:
-    """A module's URL from the code and from the environment (None where it has none)."""
-    return CODE_MODULES.get(name), env_overrides()[0].get(name)
+    """A module's URL from the code and from the environment (its list of targets, comma
+    separated; None where it has none)."""
+    return CODE_MODULES.get(name), ", ".join(env_targets()[0].get(name, ())) or None
 
 
 def effective_routes() -> dict[str, dict[str, Any]]:

@@ -139,3 +139,26 @@ def breaker_transition(transition: Any) -> None:
             "at": transition.at,
         }
     )
+
+
+def target_ejected(ejection: Any) -> None:
+    """A target's outlier ejection began (``ejected``) or ended early (SPEC §18):
+    ``target.ejected`` on the live stream (a ``gateway.state.ejections.Ejection``)."""
+    emit(
+        {
+            "type": "target.ejected",
+            "module": ejection.module,
+            "target": ejection.target,
+            "ejected": ejection.ejected,
+            "until": ejection.until,
+            "count": ejection.count,
+            "reason": ejection.reason,
+            "at": ejection.at,
+        }
+    )
+
+
+def target_health(module: str, target: str, health: dict[str, Any]) -> None:
+    """``target.health`` on the live stream: a target's active-health status changed
+    (``health``: status, latency_ms, last_check, consecutive_failures, last_error)."""
+    emit({"type": "target.health", "module": module, "target": target, **health})

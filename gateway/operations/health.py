@@ -1,11 +1,15 @@
-"""Active health checks: the worker that probes each module on its schedule while it leads.
+"""Active health checks: the worker that probes each target on its schedule while it leads.
 
 The parts: when to probe (``gateway.operations.health_schedule``), who probes
 (``gateway.operations.health_lease``), the probe and its stored results
-(``gateway.operations.probes``). Results go to ``ModuleHealth`` rows, ``vx11_module_up``,
-the live event stream (on a status change or when a module is declared down), and a
-passing probe lets an open breaker try half-open early. Probes never count as breaker
-failures.
+(``gateway.operations.probes``), what a target's result shares (``health_targets``). Every
+enabled target of every enabled module has its own schedule (SPEC §11, §18). Per target:
+``vx11_target_up``, the shared cache, ``target.health`` on a change, the down flag and the
+early return of an ejection. Per module, the pool's verdict (up / degraded / down) goes to
+its ``ModuleHealth`` row, ``vx11_module_up`` (1 while it serves: up or degraded) and
+``module.health``; a passing probe lets an open breaker try half-open early. Probes never
+count as breaker failures, nor as a target's passive failures. Without Redis the worker is
+a process of its own: its down flags and per-target results stay in it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
 
-from gateway.config.modules import ModuleInfo
+from gateway.config.modules import ModuleInfo, TargetInfo
 from gateway.core import metrics
 from gateway.core.clock import Clock
 from gateway.core.conf import gw
@@ -29,17 +33,30 @@ from gateway.operations import events
 from gateway.operations import registry as services
 from gateway.operations.breakers import management_breaker
 from gateway.operations.health_lease import LEASE_KEY, Lease, LocalLease, RedisLease
-from gateway.operations.health_schedule import DOWN, UNKNOWN, UP, HealthSchedule, ModuleState
+from gateway.operations.health_schedule import (
+    DEGRADED,
+    DOWN,
+    UNKNOWN,
+    UP,
+    HealthSchedule,
+    ModuleState,
+    pool_state,
+)
+from gateway.operations.health_targets import ejection_ends, enabled_targets, pool_error, share
 from gateway.operations.probes import (
     USER_AGENT,
     ProbeResult,
     health_dict,
     load_modules,
     load_states,
+    load_target_health,
     probe,
     probe_transport,
     save_health,
+    save_target_health,
+    target_state,
 )
+from gateway.policies.outlier import OutlierDetector
 from gateway.upstream import Transport
 
 log = logging.getLogger("gateway.health")
@@ -49,11 +66,20 @@ async def _mark_healthy(module: str) -> None:
     await services.get().breaker.mark_healthy(module)
 
 
-class HealthChecker:
-    """Probes enabled modules on the schedule while it holds the lease.
+def _detector() -> OutlierDetector:
+    return services.get().outliers
 
-    Each probe runs as its own task, so a slow module delays neither the others nor the
+
+#: A probe's key in the schedule: (module, target ``host:port``).
+Key = tuple[str, str]
+
+
+class HealthChecker:
+    """Probes every enabled target of the enabled modules on the schedule while it leads.
+
+    Each probe runs as its own task, so a slow target delays neither the others nor the
     lease renewal. ``step()`` is one turn of the loop (tests drive it with a fake clock).
+    ``states``: each module's pool verdict; ``targets``: each (module, target)'s schedule.
     """
 
     def __init__(
@@ -65,6 +91,7 @@ class HealthChecker:
         timeout: float = 2.0,
         modules: Callable[[], Awaitable[dict[str, ModuleInfo]]] | None = None,
         mark_healthy: Callable[[str], Awaitable[Any]] = _mark_healthy,
+        outliers: Callable[[], OutlierDetector] = _detector,
         persist: bool = True,
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
@@ -77,30 +104,44 @@ class HealthChecker:
         self.timeout = timeout
         self._modules = modules or sync_to_async(load_modules, thread_sensitive=True)
         self.mark_healthy = mark_healthy
+        self.outliers = outliers
         self.persist = persist
         self.clock = clock
         self.wall = wall
         self.rng = rng
         self.renew_every = renew_every
         self.states: dict[str, ModuleState] = {}
-        self.due: dict[str, float] = {}
-        self.inflight: dict[str, asyncio.Task[ProbeResult]] = {}
+        self.targets: dict[Key, ModuleState] = {}
+        #: Per module, each target's last result (``health_dict``), as stored in the cache.
+        self.target_health: dict[str, dict[str, dict[str, Any]]] = {}
+        self.due: dict[Key, float] = {}
+        self.inflight: dict[Key, asyncio.Task[ProbeResult]] = {}
         self.table: dict[str, ModuleInfo] = {}
+        #: Per module, the ejections seen in the last view (their ends are published here).
+        self.ejected: dict[str, dict[str, float]] = {}
         self._table_at = -1e18
         self._leading = False
         self._lease_at = -1e18
         self._states_loaded = False
 
     async def _load_states(self) -> None:
+        """Continue from the stored results: module rows, then per-target results."""
         self._states_loaded = True
         if not self.persist:
             return
         try:
             stored = await sync_to_async(load_states, thread_sensitive=True)()
+            self.states.update(stored)
+            found = await sync_to_async(load_target_health, thread_sensitive=True)(
+                sorted(self.table) or sorted(stored)
+            )
         except Exception:
-            log.exception("could not read stored module health; starting from unknown")
+            log.exception("could not read stored health; starting from unknown")
             return
-        self.states.update(stored)
+        for module, by_key in found.items():
+            self.target_health[module] = dict(by_key)
+            for key, health in by_key.items():
+                self.targets[(module, key)] = target_state(health)
 
     async def enabled_modules(self) -> dict[str, ModuleInfo]:
         """The module table, re-read at most once per incident interval; DB down: the last."""
@@ -114,31 +155,94 @@ class HealthChecker:
         return {name: info for name, info in self.table.items() if info.enabled}
 
     async def check(self, info: ModuleInfo) -> ProbeResult:
-        """Probe one module now and apply the result (state, store, metrics, events)."""
+        """Probe every enabled target of one module now and apply the results; the
+        module's result (``ok``: it serves, up or degraded)."""
         if not self._states_loaded:
+            if not self.table:
+                self.table = {info.name: info}
             await self._load_states()
-        result = await probe(self.client, info, self.timeout, self.wall)
-        await self.apply(result)
+        results = await asyncio.gather(*(self.check_target(info, t) for t in enabled_targets(info)))
+        return self.module_result(info, results[-1] if results else None)
+
+    async def check_target(self, info: ModuleInfo, target: TargetInfo) -> ProbeResult:
+        """Probe one target now and apply the result (state, store, metrics, events)."""
+        result = await probe(self.client, info, self.timeout, self.wall, target=target)
+        await self.apply(info, result)
         return result
 
-    async def apply(self, result: ProbeResult) -> ModuleState:
-        name = result.module
+    def module_result(self, info: ModuleInfo, last: ProbeResult | None) -> ProbeResult:
+        """The module's result after ``last`` (a target's): the pool's verdict (``ok``: it
+        serves), the last latency and time, and which targets are down and why."""
+        state = self.states.get(info.name, ModuleState())
+        at = last.at if last is not None else self.wall()
+        latency = last.latency_ms if last is not None else None
+        if len(enabled_targets(info)) == 1:
+            error = last.error if last is not None else ""
+        else:
+            error = pool_error(info, self.target_health.get(info.name, {}))
+        return ProbeResult(info.name, state.status in (UP, DEGRADED), latency, error, at)
+
+    async def apply(self, info: ModuleInfo, result: ProbeResult) -> ModuleState:
+        """One target's result: its schedule and effects, then the module's verdict."""
+        name, key = info.name, result.target
+        before_t = self.targets.get((name, key), ModuleState())
+        state_t = self.schedule.after(before_t, result.ok)
+        self.targets[(name, key)] = state_t
+        self.due[(name, key)] = self.clock() + self.schedule.next_delay(state_t, self.rng)
+        health_t = health_dict(state_t, result)
+        self.target_health.setdefault(name, {})[key] = health_t
+        metrics.target_up(name, key, result.ok)
+        await self._target_effects(info, key, before_t, state_t, health_t)
+        return await self._module_effects(info, result)
+
+    async def _target_effects(
+        self,
+        info: ModuleInfo,
+        key: str,
+        before: ModuleState,
+        state: ModuleState,
+        health: dict[str, Any],
+    ) -> None:
+        name = info.name
+        if before.status != state.status and len(enabled_targets(info)) > 1:
+            # (a module of one target: its module.health event says it all)
+            events.target_health(name, key, health)
+            level = logging.INFO if state.status == UP else logging.WARNING
+            log.log(level, "target %s", state.status, extra={"gw_module": name, "target": key})
+        try:
+            if await share(self.outliers(), info, key, before, state) is not None:
+                self.ejected.get(name, {}).pop(key, None)  # published by the detector
+        except Exception:
+            log.exception("could not share a target's health", extra={"gw_module": name})
+        if self.persist:
+            try:
+                keys = {t.key for t in enabled_targets(info)}  # removed ones are forgotten
+                found = {k: v for k, v in self.target_health[name].items() if k in keys}
+                await sync_to_async(save_target_health, thread_sensitive=True)(name, found)
+            except Exception:
+                log.exception("could not store a target's health", extra={"gw_module": name})
+
+    async def _module_effects(self, info: ModuleInfo, last: ProbeResult) -> ModuleState:
+        name = info.name
         before = self.states.get(name, ModuleState())
-        state = self.schedule.after(before, result.ok)
-        self.states[name] = state
-        self.due[name] = self.clock() + self.schedule.next_delay(state, self.rng)
+        pool = [self.targets.get((name, t.key), ModuleState()) for t in enabled_targets(info)]
+        state = self.states[name] = pool_state(pool)
+        result = self.module_result(info, last)
         health = health_dict(state, result)
-        metrics.module_up(name, result.ok)
+        metrics.module_up(name, state.status in (UP, DEGRADED))
         if self.persist:
             try:
                 await sync_to_async(save_health, thread_sensitive=True)(name, health)
             except Exception:
                 log.exception("could not store a health result", extra={"gw_module": name})
-        declared_down = state.consecutive_failures == self.schedule.down_after
+        declared_down = (
+            state.consecutive_failures == self.schedule.down_after
+            and before.consecutive_failures != state.consecutive_failures
+        )
         if before.status != state.status or declared_down:
             self._announce(name, before, state, result)
             events.emit({"type": "module.health", "module": name, **health})
-        if result.ok:
+        if last.ok:
             try:
                 await self.mark_healthy(name)
             except Exception:
@@ -156,10 +260,17 @@ class HealthChecker:
         }
         if state.status == UP:
             log.info("module up", extra={**extra, "was": before.status})
+        elif state.status == DEGRADED:
+            log.warning("module degraded", extra={**extra, "was": before.status})
         elif state.consecutive_failures == self.schedule.down_after:
             log.error("module stays down; probing with backoff", extra=extra)
         else:
             log.warning("module down", extra={**extra, "was": before.status})
+
+    async def watch_ejections(self, modules: dict[str, ModuleInfo]) -> None:
+        """Publish the ends of ejections by expiry (``target.ejected``), from the pools'
+        views (≤ 1 s old, so an end is told within about a second of it)."""
+        await ejection_ends(self.outliers(), modules, self.ejected, self.wall())
 
     async def step(self) -> float:
         """Renew the lease, start the probes that are due; seconds until the next turn."""
@@ -175,25 +286,33 @@ class HealthChecker:
         if not leading:
             return self.renew_every
         modules = await self.enabled_modules()
+        await self.watch_ejections(modules)
         now = self.clock()
-        for name in list(self.due):
-            if name not in modules:
-                del self.due[name]
-        for name, info in modules.items():
-            if name in self.inflight or self.due.get(name, now) > now:
+        wanted = {
+            (name, t.key): (info, t)
+            for name, info in modules.items()
+            for t in enabled_targets(info)
+        }
+        for key in list(self.due):
+            if key not in wanted:
+                del self.due[key]
+        for key, (info, target) in wanted.items():
+            if key in self.inflight or self.due.get(key, now) > now:
                 continue
-            self.due[name] = now + self.timeout  # placeholder until the result is applied
-            task = asyncio.get_running_loop().create_task(self.check(info))
-            self.inflight[name] = task
-            task.add_done_callback(functools.partial(self._probe_done, name))
-        waits = [due - now for name, due in self.due.items() if name not in self.inflight]
+            self.due[key] = now + self.timeout  # placeholder until the result is applied
+            task = asyncio.get_running_loop().create_task(self.check_target(info, target))
+            self.inflight[key] = task
+            task.add_done_callback(functools.partial(self._probe_done, key))
+        waits = [due - now for key, due in self.due.items() if key not in self.inflight]
         return max(0.0, min([self.renew_every, *waits]))
 
-    def _probe_done(self, name: str, task: asyncio.Task[ProbeResult]) -> None:
-        if self.inflight.get(name) is task:
-            del self.inflight[name]
+    def _probe_done(self, key: Key, task: asyncio.Task[ProbeResult]) -> None:
+        if self.inflight.get(key) is task:
+            del self.inflight[key]
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("health probe crashed", exc_info=exc, extra={"gw_module": name})
+            log.error(
+                "health probe crashed", exc_info=exc, extra={"gw_module": key[0], "target": key[1]}
+            )
 
     async def drain(self) -> None:
         """Wait for the probes in flight (tests, ``--once``)."""
@@ -202,9 +321,9 @@ class HealthChecker:
 
     async def run_once(self) -> list[ProbeResult]:
         """Probe every enabled module once, without the lease (an operator's one-shot check)."""
+        modules = await self.enabled_modules()
         if not self._states_loaded:
             await self._load_states()  # before the probes run side by side
-        modules = await self.enabled_modules()
         results = await asyncio.gather(*(self.check(info) for info in modules.values()))
         return sorted(results, key=lambda r: r.module)
 
@@ -251,6 +370,7 @@ def probe_now(info: ModuleInfo) -> tuple[ProbeResult, ModuleState]:
 
 
 __all__ = [
+    "DEGRADED",
     "DOWN",
     "LEASE_KEY",
     "UNKNOWN",
@@ -258,11 +378,13 @@ __all__ = [
     "USER_AGENT",
     "HealthChecker",
     "HealthSchedule",
+    "Key",
     "Lease",
     "LocalLease",
     "ModuleState",
     "ProbeResult",
     "RedisLease",
+    "enabled_targets",
     "health_dict",
     "load_modules",
     "load_states",

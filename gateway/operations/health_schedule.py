@@ -13,6 +13,9 @@ A module "stays down" once ``down_after`` (3) probes in a row have failed: from 
 delay doubles from the incident interval (2 s after the 3rd failure, 4 s after the 4th …)
 up to ``VX11_HEALTH_MAX_BACKOFF``. Every delay is jittered ±10 % (never above the maximum),
 so many modules — or many hosts' checkers after a failover — do not probe in lock-step.
+
+Each **target** of a module (SPEC §18) runs this schedule on its own; the module's status is
+:func:`pool_state` of its targets': ``up``, ``degraded`` (some targets down) or ``down``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from gateway.core.conf import gw
 
 UP, DOWN, UNKNOWN = "up", "down", "unknown"
+#: A module some of whose targets are up and some down (SPEC §18); it still serves.
+DEGRADED = "degraded"
 
 
 @dataclass(frozen=True)
@@ -89,4 +94,23 @@ class HealthSchedule:
         )
 
 
-__all__ = ["DOWN", "UNKNOWN", "UP", "HealthSchedule", "ModuleState"]
+def pool_state(targets: list[ModuleState]) -> ModuleState:
+    """A module's state from its enabled targets' (each on its own schedule, per target):
+    ``up`` when every probed target is up, ``down`` when none is, else ``degraded``.
+
+    A module of one target has that target's state. Down, its failures are the fewest of
+    its targets' (the module stays down as long as its most recently failing one); up,
+    its passes are the fewest of its targets'; in an incident while any target is."""
+    known = [t for t in targets if t.status != UNKNOWN]
+    if not known:
+        return ModuleState()
+    up = [t for t in known if t.status == UP]
+    incident = any(t.incident for t in known)
+    if len(up) == len(known):
+        return ModuleState(UP, 0, min(t.consecutive_successes for t in up), incident)
+    if not up:
+        return ModuleState(DOWN, min(t.consecutive_failures for t in known), 0, True)
+    return ModuleState(DEGRADED, 0, 0, True)
+
+
+__all__ = ["DEGRADED", "DOWN", "UNKNOWN", "UP", "HealthSchedule", "ModuleState", "pool_state"]

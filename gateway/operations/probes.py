@@ -6,7 +6,10 @@ connections are never used, nor taken); a 2xx within ``VX11_HEALTH_TIMEOUT`` (th
 exchange, the body included) passes. No redirect is followed, no proxy from the
 environment is used, TLS is verified as for every outbound call (``gateway.upstream.tls``).
 Results go to ``ModuleHealth`` rows (:func:`save_health`); :func:`load_states` reads them
-back so a restarted or newly elected checker continues the backoff.
+back so a restarted or newly elected checker continues the backoff. Each target of a
+module is probed on its own (``probe(..., target=t)``); per-target results go to the shared
+cache (:func:`save_target_health`: no table of their own), the module's row holds the
+pool's verdict (``up`` / ``degraded`` / ``down``).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from django.core.cache import cache
 from django.db import close_old_connections
 
-from gateway.config.modules import ModuleInfo, build_modules
+from gateway.config.modules import ModuleInfo, TargetInfo, build_modules
+from gateway.config.snapshot import load_targets
 from gateway.core.clock import Clock
 from gateway.core.problems import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.models import Module, ModuleHealth
@@ -44,6 +49,7 @@ class ProbeResult:
     latency_ms: float | None
     error: str
     at: float  # epoch seconds
+    target: str = ""  # the probed target's host:port ("": the module as a whole)
 
 
 def _error_text(exc: Exception, timeout: float) -> str:
@@ -62,15 +68,20 @@ async def probe(
     timeout: float,
     wall: Clock = time.time,
     timer: Clock = time.perf_counter,
+    target: TargetInfo | None = None,
 ) -> ProbeResult:
-    """One ``GET url+health_path``; 2xx passes. Latency (body read) is measured on ``timer``."""
+    """One ``GET url+health_path``; 2xx passes. Latency (body read) is measured on ``timer``.
+
+    ``target``: that target of the module (the seam's ``origin``: it and no other); else the
+    module's first enabled one."""
     at = wall()
+    key, origin = (target.key, target.url) if target is not None else ("", None)
     started = timer()
     request = OutboundRequest(
         "GET", info.health_path, [("User-Agent", USER_AGENT), ("Accept", "*/*")], None, timeout
     )
     try:
-        response = await send(info, request, client)
+        response = await send(info, request, client, origin=origin)
         try:
             async for _ in response.iter_chunks():  # read to the end: the connection is kept
                 pass
@@ -79,11 +90,11 @@ async def probe(
             raise
         response.release()
     except Exception as exc:
-        return ProbeResult(info.name, False, None, _error_text(exc, timeout), at)
+        return ProbeResult(info.name, False, None, _error_text(exc, timeout), at, key)
     latency = round((timer() - started) * 1000.0, 2)
     if 200 <= response.status < 300:
-        return ProbeResult(info.name, True, latency, "", at)
-    return ProbeResult(info.name, False, latency, f"HTTP {response.status}", at)
+        return ProbeResult(info.name, True, latency, "", at, key)
+    return ProbeResult(info.name, False, latency, f"HTTP {response.status}", at, key)
 
 
 def health_dict(state: ModuleState, result: ProbeResult) -> dict[str, Any]:
@@ -125,21 +136,48 @@ def load_states() -> dict[str, ModuleState]:
 
 
 def load_modules() -> dict[str, ModuleInfo]:
-    """The module table straight from the database (the worker sees admin edits at once)."""
-    rows = [
-        ModuleInfo(m.name, m.url, m.health_path, m.enabled, "database")
-        for m in Module.objects.all()
-    ]
-    return build_modules(rows)
+    """The module table straight from the database, with each module's targets (the
+    worker sees admin edits at once)."""
+    close_old_connections()
+    return build_modules([m.info() for m in Module.objects.all()], load_targets())
+
+
+#: Per-target results, one cache entry per module (``{target key: health dict}``): in Redis
+#: when it is configured (every process and host reads them: ``GET /vx11/modules``, the
+#: dashboard, ``/metrics``), else in this process only.
+TARGET_HEALTH_KEY = "target-health:{}"
+TARGET_HEALTH_TTL = 3600
+
+
+def save_target_health(module: str, found: dict[str, dict[str, Any]]) -> None:
+    cache.set(TARGET_HEALTH_KEY.format(module), found, TARGET_HEALTH_TTL)
+
+
+def load_target_health(modules: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{module: {target key: health}}`` for the modules that have results."""
+    keys = {TARGET_HEALTH_KEY.format(m): m for m in modules}
+    return {keys[k]: v for k, v in cache.get_many(list(keys)).items() if isinstance(v, dict)}
+
+
+def target_state(health: dict[str, Any]) -> ModuleState:
+    """A target's schedule state from its stored result (a new leader continues it)."""
+    failures = int(health.get("consecutive_failures") or 0)
+    return ModuleState(
+        str(health.get("status", "unknown")), failures, 0 if failures else 1, bool(failures)
+    )
 
 
 __all__ = [
+    "TARGET_HEALTH_KEY",
     "USER_AGENT",
     "ProbeResult",
     "health_dict",
     "load_modules",
     "load_states",
+    "load_target_health",
     "probe",
     "probe_transport",
     "save_health",
+    "save_target_health",
+    "target_state",
 ]

@@ -33,8 +33,10 @@ from gateway.config.snapshot import holder, watcher
 from gateway.core.conf import gw
 from gateway.models import BreakerCommand
 from gateway.operations import events
+from gateway.operations.pools import PoolDetector, outlier_store
 from gateway.policies.admission import Admission
 from gateway.policies.backpressure import PriorityLimiter
+from gateway.policies.balancer import Balancer
 from gateway.policies.breaker import (
     BreakerBackend,
     BreakerConfig,
@@ -44,6 +46,7 @@ from gateway.policies.breaker import (
     RedisBreakerBackend,
     Transition,
 )
+from gateway.policies.bulkheads import Bulkheads
 from gateway.policies.ratelimit import (
     MemoryRateLimitBackend,
     RateLimitBackend,
@@ -59,6 +62,7 @@ from gateway.policies.respcache import (
 from gateway.policies.retry import RetryBudget
 from gateway.state import store
 from gateway.state.loops import PerLoop
+from gateway.state.memory import MemoryOutlierStore
 from gateway.state.resp import ScriptRunner
 
 log = logging.getLogger("gateway.services")
@@ -120,10 +124,13 @@ class Services:
     breaker: CircuitBreaker
     limiter: RateLimiter
     backpressure: PriorityLimiter
+    bulkheads: Bulkheads  # per-module caps (SPEC §10), inside ``backpressure``
     budget: RetryBudget
     cache: SingleFlight
     generation: int
     admission: Admission
+    balancer: Balancer  # module pools (SPEC §18): one per process, every loop's attempts
+    outliers: PoolDetector  # outlier ejection over the shared store, views ≤ 1 s old
 
 
 def _current(services: Services) -> bool:
@@ -160,6 +167,17 @@ def memory_breaker_backend() -> MemoryBreakerBackend:
 
 def memory_response_cache() -> MemoryResponseCache:
     return _process_wide(MemoryResponseCache)
+
+
+def memory_outlier_store() -> MemoryOutlierStore:
+    """This process's outlier state (no Redis): the health worker's down flags and the
+    operators' listings read the one the request path uses."""
+    return _process_wide(MemoryOutlierStore)
+
+
+def process_balancer() -> Balancer:
+    """This process's pools (every loop's): requests in flight per target for listings."""
+    return _process_wide(Balancer)
 
 
 def memory_rate_limit_backend() -> MemoryRateLimitBackend:
@@ -308,10 +326,12 @@ def build() -> Services:
         breaker = breaker_facade(breaker_backend(client, scripts=scripts, timeout=timeout))
         limiter_backend = RedisRateLimitBackend(scripts)
         cache_backend = RedisResponseCache(client)
+        ejections = outlier_store(_process_wide(MemoryOutlierStore), scripts, timeout=timeout)
     else:
         breaker = breaker_facade(breaker_backend(None, timeout=timeout))
         limiter_backend = memory_rate_limit_backend()
         cache_backend = memory_response_cache()
+        ejections = outlier_store(_process_wide(MemoryOutlierStore))
     limiter = RateLimiter(
         limiter_backend,
         fail_mode=gw.rate_limit_fail_mode,
@@ -322,16 +342,49 @@ def build() -> Services:
         breaker=breaker,
         limiter=limiter,
         backpressure=PriorityLimiter(gw.max_inflight, gw.queue_max),
+        bulkheads=Bulkheads(gw.module_queue_max),
         budget=RetryBudget(ratio=gw.retry_budget_ratio, min_retries=gw.retry_budget_min),
         cache=SingleFlight(cache_backend, store_timeout=timeout),
         generation=gw.generation,
         admission=Admission(limiter, breaker),
+        balancer=_process_wide(Balancer),
+        outliers=PoolDetector(ejections, _process_wide(Balancer)),
     )
 
 
 def get() -> Services:
     """The running event loop's policies (built on first use, and after a reload)."""
     return _by_loop.get(build)
+
+
+def module_usage() -> dict[str, tuple[int, int]]:
+    """Each module's bulkhead in this process, ``(in flight, queued)``, over its loops.
+
+    Only modules with a cap count (the others have no limiter): what ``GET /vx11/modules``
+    and the dashboard show next to ``max_concurrent``.
+    """
+    found: dict[str, tuple[int, int]] = {}
+    for services in list(_by_loop.values()):
+        for name, (inflight, queued) in services.bulkheads.usage().items():
+            have = found.get(name, (0, 0))
+            found[name] = (have[0] + inflight, have[1] + queued)
+    return found
+
+
+def bulkhead_view(modules: dict[str, ModuleInfo]) -> dict[str, dict[str, int]]:
+    """``{module: {max_concurrent, inflight, queued}}`` for each module with a cap, in this
+    process (the cap is per process too): the dashboard's "in flight / cap"."""
+    usage = module_usage()
+    view: dict[str, dict[str, int]] = {}
+    for name, info in modules.items():
+        if info.max_concurrent:
+            inflight, queued = usage.get(name, (0, 0))
+            view[name] = {
+                "max_concurrent": info.max_concurrent,
+                "inflight": inflight,
+                "queued": queued,
+            }
+    return view
 
 
 def reset() -> None:

@@ -125,7 +125,24 @@ class PriorityLimiter:
                 timer.cancel()
 
     def release(self) -> None:
-        """Give the slot to the best waiter, or free it."""
+        """Give the slot to the best waiter, or free it (above a lowered cap: free it)."""
+        if self._inflight <= self.max_inflight and self._wake_next():
+            return
+        if self._inflight <= 0:
+            raise RuntimeError("release() without a matching acquire()")
+        self._inflight -= 1
+
+    def resize(self, max_inflight: int) -> None:
+        """A new cap, live: a higher one serves waiters at once; with a lower one the
+        holders above it drain (their releases free slots instead of handing them on)."""
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+        self.max_inflight = max_inflight
+        while self._inflight < max_inflight and self._wake_next():
+            self._inflight += 1
+
+    def _wake_next(self) -> bool:
+        """Hand a slot to the best waiter still waiting; False when there is none."""
         for priority in self._priorities:
             queue = self._queues[priority]
             while queue:
@@ -134,10 +151,8 @@ class PriorityLimiter:
                 self._queued -= 1
                 if not waiter.future.done():  # skip one cancelled a moment ago
                     waiter.future.set_result(None)
-                    return
-        if self._inflight <= 0:
-            raise RuntimeError("release() without a matching acquire()")
-        self._inflight -= 1
+                    return True
+        return False
 
     @asynccontextmanager
     async def slot(self, priority: int, deadline: float | None = None) -> AsyncIterator[None]:

@@ -10,7 +10,9 @@ written once, here and in ``gateway.state.values``; each backend only keeps the 
 Three operations make the interface (one Protocol each, so a policy names only what it
 uses): the rate-limit window (:class:`RateLimitStore`), the breaker's steps
 (:class:`BreakerStore`), and the combined admission (:class:`AdmissionStore`: the rate
-limit and the breaker's first permit in one round trip). Every implementation is called
+limit and the breaker's first permit in one round trip); the targets' passive outlier
+ejection (:class:`OutlierStore`, ``tests/gateway/policies/test_outlier.py``) sits beside
+them. Every implementation is called
 through one guard (``gateway.state.guard.StoreGuard``) by the policies that use it when the
 store is shared (memory stores cannot fail, so the policies call them directly).
 Per backend, one contract suite: ``tests/gateway/policies/test_ratelimit.py``,
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from gateway.state.ejections import Ejection, OutlierConfig, Outliers
 from gateway.state.values import BreakerConfig, BreakerStatus, Decision, Permit, Scope, Transition
 
 
@@ -82,4 +85,43 @@ class AdmissionStore(Protocol):
         ...
 
 
-__all__ = ["AdmissionStore", "BreakerStore", "RateLimitStore"]
+class OutlierStore(Protocol):
+    """Passive outlier ejection per target (SPEC §18), shared by every process that uses
+    the store; each method is one atomic step (arithmetic: ``gateway.state.ejections``)."""
+
+    async def record(
+        self,
+        module: str,
+        target: str,
+        now: float,
+        cfg: OutlierConfig,
+        *,
+        failure: bool,
+        n_targets: int,
+        stretch: float,
+    ) -> Ejection | None:
+        """One gateway result of ``target``: a failure counts towards its ejection (refused
+        past ``max_ejection_percent`` of the ``n_targets`` of its pool), a success resets
+        the count. ``stretch`` (1 + jitter × U[0, 1)) lengthens an ejection. Returns the
+        ejection this result caused, if any."""
+        ...
+
+    async def return_early(
+        self, module: str, target: str, now: float, cfg: OutlierConfig
+    ) -> Ejection | None:
+        """A passing active probe ends ``target``'s ejection now (its count decays on)."""
+        ...
+
+    async def outliers(self, module: str, now: float, cfg: OutlierConfig) -> Outliers:
+        """The module's ejected, failing and down targets and their ejection counts (one
+        read)."""
+        ...
+
+    async def mark_down(self, module: str, target: str, down: bool, cfg: OutlierConfig) -> bool:
+        """The health worker's verdict on ``target`` (SPEC §18): ``down`` until a probe
+        passes. Returns whether the flag changed. A down flag keeps the module's state
+        alive (``cfg.ttl``) while the worker repeats it."""
+        ...
+
+
+__all__ = ["AdmissionStore", "BreakerStore", "OutlierStore", "RateLimitStore"]

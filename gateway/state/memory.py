@@ -16,6 +16,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from gateway.state.ejections import (
+    ACTIVE_PROBE,
+    CONSECUTIVE_FAILURES,
+    Ejection,
+    OutlierConfig,
+    Outliers,
+    decayed,
+)
 from gateway.state.values import (
     ALLOW_CLOSED,
     CLEAN_CLOSED,
@@ -275,4 +283,100 @@ class MemoryAdmission:
         return await self.limits.hit(scopes, now), None
 
 
-__all__ = ["MemoryAdmission", "MemoryBreakerBackend", "MemoryRateLimitBackend", "probe_token"]
+@dataclass(slots=True)
+class _Outlier:
+    consecutive: int = 0
+    count: int = 0
+    since: float = 0.0  # when the current healthy period began (the last ejection's end)
+    until: float = 0.0  # the current ejection's end (0: not ejected)
+
+
+class MemoryOutlierStore:
+    """Outlier ejection per process (no Redis, and the fallback during an outage); the
+    arithmetic of ``gateway.state.ejections``, as ``lua/outlier_record.lua`` does it."""
+
+    def __init__(self) -> None:
+        self._modules: dict[str, dict[str, _Outlier]] = {}
+        #: Per module, the targets the health worker found down (``mark_down``).
+        self._down: dict[str, set[str]] = {}
+
+    async def record(
+        self,
+        module: str,
+        target: str,
+        now: float,
+        cfg: OutlierConfig,
+        *,
+        failure: bool,
+        n_targets: int,
+        stretch: float,
+    ) -> Ejection | None:
+        targets = self._modules.setdefault(module, {})
+        s = targets.get(target)
+        if s is None:
+            if not failure:
+                return None
+            s = targets[target] = _Outlier()
+        if 0 < s.until <= now:
+            s.until = 0.0
+        s.count, s.since = decayed(s.count, s.since, now, cfg.base_ejection)
+        if s.until > now or not failure:  # an ejected target's results change nothing
+            if not failure:
+                s.consecutive = 0
+                if not s.count and not s.until:
+                    del targets[target]
+            return None
+        s.consecutive += 1
+        if s.consecutive < cfg.consecutive_failures:
+            return None
+        ejected = sum(1 for t in targets.values() if t.until > now)
+        if not cfg.allows(ejected, n_targets):
+            return None
+        s.count = min(s.count + 1, cfg.max_count)
+        s.until = s.since = now + cfg.duration(s.count, stretch)
+        s.consecutive = 0
+        return Ejection(module, target, True, s.until, s.count, CONSECUTIVE_FAILURES, now)
+
+    async def return_early(
+        self, module: str, target: str, now: float, cfg: OutlierConfig
+    ) -> Ejection | None:
+        s = self._modules.get(module, {}).get(target)
+        if s is None or s.until <= now:
+            return None
+        s.until, s.since, s.consecutive = 0.0, now, 0
+        return Ejection(module, target, False, now, s.count, ACTIVE_PROBE, now)
+
+    async def outliers(self, module: str, now: float, cfg: OutlierConfig) -> Outliers:
+        return self.view(module, now, cfg)
+
+    async def mark_down(self, module: str, target: str, down: bool, cfg: OutlierConfig) -> bool:
+        marked = self._down.setdefault(module, set())
+        if down == (target in marked):
+            return False
+        if down:
+            marked.add(target)
+        else:
+            marked.discard(target)
+        return True
+
+    def view(self, module: str, now: float, cfg: OutlierConfig) -> Outliers:
+        """:meth:`outliers` without the await (operators' listings from sync code)."""
+        seen = Outliers(down=set(self._down.get(module, ())))
+        for target, s in self._modules.get(module, {}).items():
+            if s.until > now:
+                seen.ejected[target] = s.until
+            elif s.consecutive:
+                seen.failing[target] = s.consecutive
+            count = decayed(s.count, s.since, now, cfg.base_ejection)[0]
+            if count:
+                seen.ejections[target] = count
+        return seen
+
+
+__all__ = [
+    "MemoryAdmission",
+    "MemoryBreakerBackend",
+    "MemoryOutlierStore",
+    "MemoryRateLimitBackend",
+    "probe_token",
+]

@@ -37,6 +37,12 @@ BREAKER_HEALTHY = load("breaker_healthy")
 BREAKER_RELEASE = load("breaker_release")
 #: The rate limit and the breaker's read-only peek in one round trip.
 ADMIT = load("rate_limit", "breaker", "admit")
+#: Passive outlier ejection: one result, an active probe's early return, the module's state.
+OUTLIER_RECORD = load("outlier_record")
+OUTLIER_RETURN = load("outlier_return")
+OUTLIER_READ = load("outlier_read")
+#: Active health per target: the worker's down/up verdict (``d:<target>`` in the same hash).
+OUTLIER_DOWN = load("outlier_down")
 
 __all__ = [
     "ADMIT",
@@ -46,6 +52,10 @@ __all__ = [
     "BREAKER_RECORD",
     "BREAKER_RELEASE",
     "LUA_DIR",
+    "OUTLIER_DOWN",
+    "OUTLIER_READ",
+    "OUTLIER_RECORD",
+    "OUTLIER_RETURN",
     "RATE_LIMIT_HIT",
     "load",
     "lua_source",

@@ -3,7 +3,8 @@
     from gateway.upstream import send, OutboundRequest
     response = await send(module, OutboundRequest(method, target, headers, body, timeout))
 
-``send`` chooses the target and the transport and raises gateway problems only
+``send`` goes to ``origin`` (the target the caller chose with ``choose_target``; default the
+module's URL), chooses the transport and raises gateway problems only
 (``gateway.upstream.seam``); ``close()`` closes this loop's shared clients.
 """
 

@@ -29,8 +29,11 @@ What it does, and what it leaves to aiohttp (``gateway.upstream.seam`` chooses):
   1xx with a body; trailer fields are dropped (``gateway.upstream.h1_head``);
 - the request head is checked before a byte is sent (:class:`InvalidRequestHead`:
   CR/LF/NUL in the target or a value, a header name that is not a token);
-- one deadline for the whole exchange (connect, head and body), a separate connect
-  timeout; the connection is aborted when the deadline passes or the caller gives up;
+- one deadline for the whole exchange (connect, head and body) — or for the head only
+  (``head_only``: streaming routes, whose reader bounds the body, SPEC §20; a fallback option,
+  whose body ``Response.bound`` bounds, SPEC §19) — and a separate
+  connect timeout within it; the connection is aborted when the deadline passes or the
+  caller gives up;
 - a connection returns to the pool only after a complete answer that allows keep-alive;
   idle connections are dropped after ``idle_timeout`` seconds or when the module closes
   them;
@@ -108,6 +111,12 @@ class Response:
         while (chunk := await self.conn.next_chunk()) is not None:
             yield chunk
 
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body (``None``: its end); may be cancelled and called again."""
+        if self.method == "HEAD":
+            return None
+        return await self.conn.next_chunk()
+
     async def read(self) -> bytes:
         """The whole body (the caller has checked its size)."""
         conn = self.conn
@@ -119,6 +128,15 @@ class Response:
             conn.body_size = 0
             return parts[0] if len(parts) == 1 else b"".join(parts)
         return b"".join([chunk async for chunk in self.iter_chunks()])
+
+    def bound(self, timeout: float) -> None:
+        """The rest of the answer within ``timeout`` seconds from now: the deadline of a
+        ``head_only`` request's body (a fallback option chosen at its head, SPEC §19)."""
+        if self._done:
+            return
+        self._timer.cancel()
+        loop = self.conn.loop
+        self._timer = loop.call_at(loop.time() + timeout, self.conn.timed_out)
 
     def release(self) -> None:
         """The body was read: the connection goes back to the pool if it can."""
@@ -152,12 +170,31 @@ class Pool:
         self._idle: dict[Origin, list[Connection]] = {}
         self._slots = asyncio.Semaphore(limit)
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._swept = time.monotonic()
 
     def put(self, conn: Connection) -> None:
         conn.head = None
-        conn.idle_since = time.monotonic()
+        now = conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
         self._slots.release()
+        if now - self._swept > self.idle_timeout:
+            self.sweep(now)
+
+    def sweep(self, now: float) -> None:
+        """Close every origin's connections idle past ``idle_timeout`` (at most once per
+        ``idle_timeout``, from :meth:`put`): an origin no longer called — a target removed
+        from its pool (SPEC §18) — would otherwise keep its sockets open."""
+        self._swept = now
+        cutoff = now - self.idle_timeout
+        for key, idle in list(self._idle.items()):
+            kept = [c for c in idle if c.idle_since >= cutoff]
+            for conn in idle:
+                if conn.idle_since < cutoff:
+                    conn._abort()
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
 
     def forget(self) -> None:
         self._slots.release()
@@ -174,10 +211,14 @@ class Pool:
             conn._abort()
         return None
 
-    async def _connect(self, key: Origin, timeout: float) -> Connection:
+    async def _connect(self, key: Origin, timeout: float, deadline: float) -> Connection:
+        """A new connection within ``timeout`` (``VX11_CONNECT_TIMEOUT``) and the request's
+        ``deadline``: the connect bound passing first is a failed connect (503, may be
+        retried, as Envoy's connect timeout), the deadline passing is a timeout."""
         loop = asyncio.get_running_loop()
+        bound = min(timeout, deadline - loop.time())
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(bound):
                 _, conn = await loop.create_connection(
                     lambda: Connection(loop, key),
                     key.host,
@@ -185,8 +226,10 @@ class Pool:
                     ssl=tls.client_context() if key.scheme == "https" else None,
                     server_hostname=key.host if key.scheme == "https" else None,
                 )
-        except TimeoutError:
-            raise
+        except TimeoutError as exc:
+            if bound < timeout:
+                raise
+            raise ConnectFailed(f"connect timed out after {timeout:g} s") from exc
         except OSError as exc:
             raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from exc
         return conn
@@ -200,11 +243,13 @@ class Pool:
         body: bytes | None,
         timeout: float,
         connect_timeout: float,
+        head_only: bool = False,
     ) -> Response:
         """Send one request and wait for the answer's head (the body is read later).
 
-        Raises ``TimeoutError`` (deadline), ``ConnectFailed``, ``UpstreamClosed`` or
-        ``UpstreamProtocolError``.
+        ``timeout`` bounds the exchange (``head_only``: the head; its reader bounds the body).
+        Raises ``TimeoutError`` (deadline), ``ConnectFailed`` (a connect over
+        ``connect_timeout`` too), ``UpstreamClosed`` or ``UpstreamProtocolError``.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -235,7 +280,7 @@ class Pool:
                     timer.cancel()
                     conn = None
             if conn is None:
-                conn = await self._connect(key, min(connect_timeout, deadline - loop.time()))
+                conn = await self._connect(key, connect_timeout, deadline)
                 timer = loop.call_at(deadline, conn.timed_out)
                 await conn.send(data, bodiless)
         except BaseException:
@@ -246,6 +291,8 @@ class Pool:
             self._slots.release()
             raise
         assert timer is not None
+        if head_only:
+            timer.cancel()  # the head is in: the deadline's work is done
         return Response(self, conn, method, timer)
 
     def close(self) -> None:

@@ -17,7 +17,9 @@ Body = bytes | AsyncIterator[bytes] | None
 class OutboundRequest:
     """One request for a module: ``target`` is the path and query, sent byte for byte
     after the module URL's base path; ``timeout`` bounds the whole exchange (the answer's
-    body included); a connect failure is raised as ``unavailable`` (503 by default)."""
+    body included) — or, with ``head_only`` (streaming routes, SPEC §20), only the wait
+    for the answer's head, the body then bounded by its reader; a connect failure is
+    raised as ``unavailable`` (503 by default)."""
 
     method: str
     target: str
@@ -25,6 +27,7 @@ class OutboundRequest:
     body: Body
     timeout: float
     unavailable: type[GatewayError] = UpstreamUnavailable
+    head_only: bool = False
 
 
 class Transport(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -26,6 +27,11 @@ class UpstreamResponse:
     def iter_chunks(self) -> AsyncIterator[bytes]:
         raise NotImplementedError
 
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body, ``None`` at its end. Unlike ``iter_chunks`` it may
+        be cancelled and called again (the stream timer interrupts a wait for a heartbeat)."""
+        raise NotImplementedError
+
     async def read_sized(self) -> bytes:
         """The whole body of an answer with a ``Content-Length`` (small: the caller checks)."""
         raise NotImplementedError
@@ -40,6 +46,11 @@ class UpstreamResponse:
                 raise BadGateway("The module's answer is larger than the gateway buffers.")
             parts.append(chunk)
         return b"".join(parts)
+
+    def bound(self, timeout: float) -> None:
+        """The rest of the body within ``timeout`` seconds from now (else a timeout, as a
+        whole-exchange deadline would be): for an answer asked for ``head_only``."""
+        raise NotImplementedError
 
     def release(self) -> None:
         """Return the connection to the pool (body fully read) or drop it (not read)."""
@@ -80,11 +91,20 @@ class H1UpstreamResponse(UpstreamResponse):
         except (TimeoutError, ConnectionError) as exc:
             raise body_error(exc) from exc
 
+    async def next_chunk(self) -> bytes | None:
+        try:
+            return await self._response.next_chunk()
+        except (TimeoutError, ConnectionError) as exc:
+            raise body_error(exc) from exc
+
     async def read_sized(self) -> bytes:
         try:
             return await self._response.read()
         except (TimeoutError, ConnectionError) as exc:
             raise body_error(exc) from exc
+
+    def bound(self, timeout: float) -> None:
+        self._response.bound(timeout)
 
     def release(self) -> None:
         self._response.release()
@@ -96,12 +116,16 @@ class H1UpstreamResponse(UpstreamResponse):
 class AiohttpUpstreamResponse(UpstreamResponse):
     """An answer read through aiohttp (streamed request bodies)."""
 
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_deadline", "_response", "headers", "status")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
         self.headers = list(response.raw_headers)
+        self._deadline: float | None = None  # loop time; set by ``bound``
+
+    def bound(self, timeout: float) -> None:
+        self._deadline = asyncio.get_running_loop().time() + timeout
 
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
@@ -110,15 +134,31 @@ class AiohttpUpstreamResponse(UpstreamResponse):
         return self._response.content_length
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
+        if self._deadline is not None:  # each wait bounded, never across a ``yield``
+            while (chunk := await self.next_chunk()) is not None:
+                yield chunk
+            return
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise body_error(exc) from exc
 
+    async def next_chunk(self) -> bytes | None:
+        try:
+            if self._deadline is None:
+                return await self._response.content.readany() or None
+            async with asyncio.timeout_at(self._deadline):
+                return await self._response.content.readany() or None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise body_error(exc) from exc
+
     async def read_sized(self) -> bytes:
         try:
-            return await self._response.read()
+            if self._deadline is None:
+                return await self._response.read()
+            async with asyncio.timeout_at(self._deadline):
+                return await self._response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise body_error(exc) from exc
 

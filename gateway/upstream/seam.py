@@ -1,7 +1,8 @@
 """The one seam to the modules: ``send(module, request)``.
 
-It chooses the target (:func:`choose_target`: the module's URL — the one place where a
-pool of targets will plug in), the transport (``gateway.upstream.transports``: h1 for a
+The caller chooses the target among the module's pool (:func:`choose_target`: the
+balancer's choice for one attempt, SPEC §18) and passes its URL as ``origin``; without one
+the module's URL is used (its first enabled target). The seam chooses the transport (``gateway.upstream.transports``: h1 for a
 body in memory or none, aiohttp for a streamed one) and maps every failure to one
 gateway problem (:func:`problem`, the one error ladder):
 
@@ -18,8 +19,11 @@ The answer's body is read later by the caller; its failures are mapped by
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from gateway.config.modules import ModuleInfo
 from gateway.core.problems import BadGateway, GatewayError, InvalidRequest, UpstreamTimeout
+from gateway.policies.balancer import LEAST_REQUEST, Pool, TargetView
 from gateway.upstream.h1_conn import ConnectFailed
 from gateway.upstream.h1_head import InvalidRequestHead
 from gateway.upstream.request import OutboundRequest, Transport
@@ -30,9 +34,24 @@ from gateway.upstream.transports import H1, STREAMING
 SENDING_ERRORS = (InvalidRequestHead, TimeoutError, ConnectFailed, ConnectionError)
 
 
-def choose_target(module: ModuleInfo) -> str:
-    """The origin a request for ``module`` goes to (a single target for now)."""
-    return module.url
+def choose_target(
+    pool: Pool,
+    request: OutboundRequest,
+    lb: str = LEAST_REQUEST,
+    now: float = 0.0,
+    *,
+    key: str | None = None,
+    exclude: Collection[str] = (),
+) -> TargetView:
+    """The target of one attempt of ``request`` among ``pool``'s (``Pool.choose``: ``lb``,
+    ejections and health at ``now``, the session ``key``, the targets a retry avoids).
+
+    A pool of one enabled target returns it at once. No enabled target: the request's
+    ``unavailable`` problem (503)."""
+    target = pool.choose(lb, now, key=key, exclude=exclude)
+    if target is None:
+        raise request.unavailable(f"The module {pool.module} has no enabled target.")
+    return target
 
 
 def choose_transport(request: OutboundRequest) -> Transport:
@@ -53,18 +72,23 @@ def problem(exc: BaseException, request: OutboundRequest) -> GatewayError:
 
 
 async def send(
-    module: ModuleInfo, request: OutboundRequest, transport: Transport | None = None
+    module: ModuleInfo,
+    request: OutboundRequest,
+    transport: Transport | None = None,
+    *,
+    origin: str | None = None,
 ) -> UpstreamResponse:
     """Send ``request`` to ``module``; returns once the answer's head is in.
 
-    ``transport``: instead of the one :func:`choose_transport` picks (health probes send
-    through an ``H1Transport`` with a pool of their own). Raises gateway problems only
-    (the ladder: :func:`problem`).
+    ``origin``: the chosen target's URL (default: the module's URL). ``transport``: instead
+    of the one :func:`choose_transport` picks (health probes send through an
+    ``H1Transport`` with a pool of their own). Raises gateway problems only (the ladder:
+    :func:`problem`).
     """
     if transport is None:
         transport = choose_transport(request)
     try:
-        return await transport.send(choose_target(module), request)
+        return await transport.send(origin or module.url, request)
     except SENDING_ERRORS as exc:
         raise problem(exc, request) from exc
 

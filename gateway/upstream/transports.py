@@ -43,9 +43,6 @@ from gateway.upstream.response import (
     UpstreamResponse,
 )
 
-#: The connect phase is bounded by this, or by the request's own timeout if shorter.
-CONNECT_TIMEOUT = 10.0
-
 
 class H1Transport:
     """Bodies in memory (or none) through ``gateway.upstream.h1``.
@@ -66,15 +63,15 @@ class H1Transport:
             raise TypeError(
                 "H1Transport sends bodies in memory; a stream goes by StreamingTransport"
             )
-        timeout = request.timeout
         response = await (self._pool or h1.pool()).request(
             request.method,
             h1.origin(origin),
             request.target,
             request.headers,
             body,
-            timeout,
-            min(timeout, CONNECT_TIMEOUT),
+            request.timeout,
+            gw.connect_timeout,  # within the deadline: h1 takes the shorter
+            request.head_only,
         )
         return H1UpstreamResponse(response)
 
@@ -144,18 +141,27 @@ class StreamingTransport:
         )
         # The same checks as h1's, before aiohttp sends a byte (InvalidRequestHead).
         h1.request_head(method, h1.origin(origin), target, headers, None)
+        connect = min(timeout, gw.connect_timeout)
         try:
-            streamed = await session().request(
-                method,
-                # encoded=True: the path and query go upstream byte for byte (no re-quoting).
-                yarl.URL(origin + target, encoded=True),
-                headers=headers,
-                data=request.body,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, CONNECT_TIMEOUT)),
-                compress=None,
-                chunked=None,
-            )
+            # head_only (streaming routes): the deadline bounds the head, not the body.
+            async with asyncio.timeout(timeout if request.head_only else None):
+                streamed = await session().request(
+                    method,
+                    # encoded=True: the path and query go upstream byte for byte (no re-quoting).
+                    yarl.URL(origin + target, encoded=True),
+                    headers=headers,
+                    data=request.body,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None if request.head_only else timeout, connect=connect
+                    ),
+                    compress=None,
+                    chunked=None,
+                )
+        except aiohttp.ConnectionTimeoutError as exc:
+            if connect < timeout:  # VX11_CONNECT_TIMEOUT, not the deadline: no connection
+                raise ConnectFailed(f"connect timed out after {connect:g} s") from exc
+            raise
         except TimeoutError:
             raise
         except aiohttp.ClientConnectorError as exc:

@@ -307,3 +307,116 @@ def test_errors_are_problem_json_even_when_yaml_was_asked_for(http, operator_hea
         assert answer.status_code == 400, answer.text
         assert answer.headers["content-type"].startswith("application/problem+json")
         assert "unknown section" in answer.json()["errors"][0]
+
+
+# ------------------------------------------------------------ hostile or careless documents
+
+
+def errors_of(text: str, *, prune: bool = False) -> list[str]:
+    with pytest.raises(DocumentError) as raised:
+        import_document(parse(text), prune=prune)
+    return raised.value.errors
+
+
+def test_values_of_the_wrong_kind_are_errors_with_their_path_not_coerced(
+    transactional_db: None,
+) -> None:
+    # Django's to_python would take true as 1, 3.9 as 3, "7" as 7 and str() a list;
+    # a list or text in a number column used to end in a TypeError (a 500 on PUT).
+    seed()
+    before, rows = ConfigVersion.read(), snapshot_rows()
+    errors = errors_of(
+        "modules:\n"
+        "  switch: {failure_threshold: true, recovery_timeout: .nan, window_seconds: -1,"
+        " failure_rate_threshold: abc, enabled: 0}\n"
+        "  m2: {url: {a: 1}, min_calls: 3.9, half_open_max_calls: '7'}\n"
+        "routes:\n"
+        "  chat: {timeout: abc}\n"
+        "  code: {timeout: [1], streaming: yes please, description: 5}\n"
+        "  task: {timeout: .inf}\n"
+    )
+    expected = {
+        "modules.switch.failure_threshold: must be a whole number",
+        "modules.switch.recovery_timeout: must be a finite number",
+        "modules.switch.window_seconds: must not be negative",
+        "modules.switch.failure_rate_threshold: must be a number",
+        "modules.switch.enabled: must be true or false",
+        "modules.m2.url: must be text",
+        "modules.m2.min_calls: must be a whole number",
+        "modules.m2.half_open_max_calls: must be a whole number",
+        "routes.chat.timeout: must be a number",
+        "routes.code.timeout: must be a number",
+        "routes.code.streaming: must be true or false",
+        "routes.code.description: must be text",
+        "routes.task.timeout: must be a finite number",
+    }
+    assert expected <= set(errors), sorted(set(errors) - expected)
+    assert ConfigVersion.read() == before and snapshot_rows() == rows
+
+
+def test_a_typo_through_the_api_is_a_400_problem_not_a_500(http, operator_headers) -> None:
+    for body in ("routes: {chat: {timeout: abc}}\n", "modules: {m2: {url: {a: 1}}}\n"):
+        answer = http.put(
+            "/vx11/config?dry_run=true",
+            content=body,
+            headers={**operator_headers, "Content-Type": "application/yaml"},
+        )
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["errors"], answer.text
+
+
+def test_yaml_aliases_and_duplicate_keys_are_refused(transactional_db: None) -> None:
+    # Nine levels of nine aliases: 9**9 strings from a few hundred bytes (billion laughs).
+    lines = ['a0: &a0 ["lol"]']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]")
+    bomb = "routes:\n  chat: {description: *a9}\n" + "\n".join(lines) + "\n"
+    with pytest.raises(DocumentError, match="aliases"):
+        parse(bomb)
+    with pytest.raises(DocumentError, match="duplicate key 'timeout'"):
+        parse("routes:\n  chat: {timeout: 5, timeout: 500}\n")
+    with pytest.raises(DocumentError, match="duplicate key 'chat'"):
+        parse("routes:\n  chat: {timeout: 5}\n  chat: {timeout: 6}\n")
+    assert parse('{"routes": {"chat": {"timeout": 5}}}') == {"routes": {"chat": {"timeout": 5}}}
+
+
+def test_prune_refuses_to_remove_a_module_that_a_kept_route_still_names(
+    transactional_db: None,
+) -> None:
+    import_document(
+        parse(
+            "modules: {m9: {url: 'http://127.0.0.1:9'}}\n"
+            "routes: {newi: {module: m9, endpoint: /x}}\n"
+        )
+    )
+    before, rows = ConfigVersion.read(), snapshot_rows()
+    errors = errors_of("modules: {}\n", prune=True)
+    assert errors == [
+        "routes.newi: module 'm9' is removed by this document (list the route, or keep the module)"
+    ]
+    assert ConfigVersion.read() == before and snapshot_rows() == rows
+    # Removing both at once is fine.
+    outcome = import_document(parse("modules: {}\nroutes: {}\n"), prune=True)
+    assert outcome.applied and not Route.objects.filter(intent="newi").exists()
+    assert not Module.objects.filter(name="m9").exists()
+
+
+def test_put_prunes_by_default_and_a_dry_run_writes_nothing(
+    http, operator_headers, make_client
+) -> None:
+    make_client("keepme")
+    make_client("dropme")
+    before = ConfigVersion.read()
+    doc = http.get("/vx11/config", headers=operator_headers).json()
+    del doc["clients"]["dropme"]
+    dry = http.put("/vx11/config?dry_run=true", json=doc, headers=operator_headers).json()
+    assert dry["dry_run"] and not dry["applied"]
+    assert {"action": "removed", "section": "clients", "name": "dropme", "fields": []} in dry[
+        "changes"
+    ]
+    assert ApiClient.objects.filter(name="dropme").exists() and ConfigVersion.read() == before
+    kept = http.put("/vx11/config?prune=false", json=doc, headers=operator_headers).json()
+    assert kept["changes"] == [] and ApiClient.objects.filter(name="dropme").exists()
+    done = http.put("/vx11/config", json=doc, headers=operator_headers).json()
+    assert done["applied"] and not ApiClient.objects.filter(name="dropme").exists()
+    assert ApiClient.objects.filter(name="keepme").exists()

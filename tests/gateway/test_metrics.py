@@ -41,6 +41,9 @@ SPEC_METRICS = [
     "vx11_inflight_requests",
     "vx11_context7_sessions_active",
     "vx11_module_up",
+    "vx11_fallbacks_total",
+    "vx11_stream_first_byte_seconds",
+    "vx11_stream_duration_seconds",
 ]
 
 
@@ -454,17 +457,25 @@ def test_alert_rules_are_well_formed():
     assert "vx11_circuit_breaker_state" in exprs["VX11CircuitBreakerOpen"]
     assert "== 2" in exprs["VX11CircuitBreakerOpen"]
     assert "vx11_module_up" in exprs["VX11ModuleDown"] and "== 0" in exprs["VX11ModuleDown"]
+    # SPEC §18: a module running degraded (some targets down), and one target down long.
+    assert "min by (module) (vx11_target_up) == 0" in exprs["VX11ModuleDegraded"]
+    assert "max by (module) (vx11_target_up) == 1" in exprs["VX11ModuleDegraded"]
+    assert "vx11_target_up" in exprs["VX11TargetDownLong"]
 
 
 def test_every_metric_an_alert_reads_is_in_the_exposition(http, upstream, gw_env):
     from gateway.models import ModuleHealth
+    from gateway.operations.probes import save_target_health
 
     ModuleHealth.objects.create(module="shub", status="up")
+    health = {"status": "down", "latency_ms": None, "last_check": 1.0}
+    save_target_health("shub", {"127.0.0.1:9": {**health, "consecutive_failures": 1}})
     gw_env.set(VX11_MAX_INFLIGHT=1, VX11_QUEUE_MAX=0, VX11_CB_FAILURE_THRESHOLD=1)
     http.post("/vx11/route/task", json={}, headers=OP)
     http.get("/shub/files/1", headers=GW)
     upstream.respond("POST", "/madre/task", status=500)
     http.post("/vx11/route/analysis", json={}, headers=OP)  # opens madre's breaker
+    http.post("/vx11/route/stream", json={}, headers=OP)  # the stream histograms (SPEC §20)
     result = scrape(http)
     known = set(result.sample_names)
     used: set[str] = set()
@@ -480,6 +491,7 @@ def test_every_metric_an_alert_reads_is_in_the_exposition(http, upstream, gw_env
         "vx11_requests_total",
         "vx11_circuit_breaker_state",
         "vx11_module_up",
+        "vx11_target_up",
     }
 
 

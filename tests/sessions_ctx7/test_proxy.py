@@ -75,6 +75,8 @@ def test_client_fields_and_metadata_reach_the_upstream(http, upstream, alice):
 def test_an_upstream_error_is_not_stored_as_a_reply(http, upstream, alice):
     _, headers = alice
     upstream.respond("POST", UPSTREAM, status=503, body={"response": "overloaded"})
+    # chat falls back to madre (SPEC §19): madre fails too, so the client gets switch's error.
+    upstream.respond("POST", "/madre/chat", status=503, body={"response": "madre down"})
     r = http.post(CHAT, json={"message": "hi"}, headers={**headers, "X-VX11-Session": "s503"})
     assert r.status_code == 503
     assert r.json() == {"response": "overloaded"}  # the module's answer, unchanged

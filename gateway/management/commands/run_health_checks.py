@@ -25,6 +25,7 @@ from gateway.operations.health import (
     HealthSchedule,
     Lease,
     LocalLease,
+    ModuleState,
     ProbeResult,
     RedisLease,
     probe_transport,
@@ -61,7 +62,7 @@ class Command(BaseCommand):
             return
         asyncio.run(self._serve())
 
-    async def _once(self) -> list[tuple[ProbeResult, int]]:
+    async def _once(self) -> list[tuple[ProbeResult, ModuleState]]:
         try:
             async with probe_transport() as client:
                 checker = HealthChecker(
@@ -72,20 +73,22 @@ class Command(BaseCommand):
                 results = await checker.run_once()
                 with contextlib.suppress(TimeoutError):
                     await events.flush(2.0)
-                return [(r, checker.states[r.module].consecutive_failures) for r in results]
+                return [(r, checker.states[r.module]) for r in results]
         finally:
             await _close_shared_clients()
 
-    def _table(self, rows: list[tuple[ProbeResult, int]]) -> None:
-        header = f"{'MODULE':<14} {'STATUS':<7} {'LATENCY_MS':>10} {'FAILURES':>8}  ERROR"
+    def _table(self, rows: list[tuple[ProbeResult, ModuleState]]) -> None:
+        header = f"{'MODULE':<14} {'STATUS':<8} {'LATENCY_MS':>10} {'FAILURES':>8}  ERROR"
         self.stdout.write(header)
-        for result, failures in rows:
+        for result, state in rows:
             latency = "-" if result.latency_ms is None else f"{result.latency_ms:.1f}"
-            status = "up" if result.ok else "down"
-            line = f"{result.module:<14} {status:<7} {latency:>10} {failures:>8}  {result.error}"
+            status, failures = state.status, state.consecutive_failures
+            line = f"{result.module:<14} {status:<8} {latency:>10} {failures:>8}  {result.error}"
             self.stdout.write(line.rstrip())
-        up = sum(1 for r, _ in rows if r.ok)
-        summary = f"{len(rows)} module(s) probed: {up} up, {len(rows) - up} down"
+        up = sum(1 for _, s in rows if s.status == "up")
+        degraded = sum(1 for _, s in rows if s.status == "degraded")
+        summary = f"{len(rows)} module(s) probed: {up} up, {len(rows) - up - degraded} down"
+        summary += f", {degraded} degraded (some targets down)" if degraded else ""
         style = self.style.SUCCESS if up == len(rows) else self.style.WARNING
         self.stdout.write(style(summary))
 

@@ -19,6 +19,8 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command, get_commands
 from django.core.management.base import BaseCommand, CommandParser
 
+from gateway.config.modules import CODE_MODULES
+from gateway.demo import replica_env, replica_ports
 from gateway.startup import server_command
 
 
@@ -39,6 +41,12 @@ class Command(BaseCommand):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--no-demo", action="store_true", help="Do not start demo modules")
         parser.add_argument("--workers", type=int, default=1)
+        parser.add_argument(
+            "--replicas",
+            type=int,
+            default=1,
+            help="Demo replicas per module (targets of a pool, SPEC §18), from port 8100",
+        )
 
     def credentials(self) -> dict[str, str]:
         path = Path(settings.VAR_DIR) / "dev-credentials.json"
@@ -67,11 +75,19 @@ class Command(BaseCommand):
             user.is_staff = user.is_superuser = True
             user.save()
 
-    def start_workers(self, env: dict[str, str], no_demo: bool) -> list[subprocess.Popen[bytes]]:
+    def start_workers(
+        self, env: dict[str, str], no_demo: bool, replicas: int = 1
+    ) -> list[subprocess.Popen[bytes]]:
         """The demo modules (unless their port is taken) and the health-check worker."""
         children: list[subprocess.Popen[bytes]] = []
         manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
-        if not no_demo:
+        if not no_demo and replicas > 1:
+            pools = replica_ports(list(CODE_MODULES), replicas)
+            env.update(replica_env(pools))  # the gateway and the worker call the replicas
+            self.stdout.write(f"==> starting {replicas} demo replicas per module (from port 8100)")
+            demo = [*manage, "run_demo_modules", "--replicas", str(replicas)]
+            children.append(subprocess.Popen(demo, env=env))
+        elif not no_demo:
             if _port_busy(8002):
                 self.stdout.write("==> demo modules: port 8002 busy, assuming they run already")
             else:
@@ -131,7 +147,7 @@ Press Ctrl-C to stop.
         env = {**os.environ, "DJANGO_DEBUG": "1", "PYTHONUNBUFFERED": "1"}
         token = env.get("VX11_TOKEN") or creds["token"]
         env["VX11_TOKEN"] = token
-        children = self.start_workers(env, options["no_demo"])
+        children = self.start_workers(env, options["no_demo"], options["replicas"])
         server = self.start_server(env, options, children)
         self.banner(f"http://{options['host']}:{options['port']}", token, creds["admin_password"])
         stop = {"now": False}

@@ -4,6 +4,8 @@
  *   redrawn from it, so nothing missed while disconnected stays wrong.
  * - Reconnects with exponential backoff (0.5 s doubling, capped at 10 s, jittered)
  *   and shows the connection state in text, not only colour.
+ * - Each card lists the module's targets (up / down / ejected until …, weight, in
+ *   flight), kept current from "target.health" and "target.ejected" events.
  * - Buttons call the management API with the session and the CSRF token.
  * Vanilla JS, no build step.
  */
@@ -16,7 +18,7 @@
   var BACKOFF_START_MS = 500;
   var BACKOFF_CAP_MS = 10000;
   var BREAKER_TONES = { closed: "ok", half_open: "warn", open: "bad" };
-  var HEALTH_TONES = { up: "ok", down: "bad", unknown: "idle" };
+  var HEALTH_TONES = { up: "ok", degraded: "warn", down: "bad", unknown: "idle" };
   var ACTION_TEXT = {
     reset: { ask: "Reset the circuit breaker of %s? It closes and its failure count starts over.", done: "Breaker reset." },
     force_open: { ask: "Force the circuit breaker of %s open? Every call to it is refused until you reset it or force it closed.", done: "Breaker forced open." },
@@ -29,6 +31,9 @@
   var cardsBox = document.getElementById("vx-cards");
   var template = document.getElementById("vx-card-template");
   var globalFeedback = document.getElementById("vx-global-feedback");
+
+  // Each module's targets as last told (snapshot, target.health, target.ejected).
+  var targetsByModule = {};
 
   var socket = null;
   var attempt = 0;
@@ -119,6 +124,90 @@
     if ("last_error" in health) field(card, "error").textContent = health.last_error || "";
   }
 
+  // ------------------------------------------------------------------ targets (SPEC §18)
+
+  function targetState(t, now) {
+    // The same rules as gateway/console/dashboard.py::target_state.
+    if (t.enabled === false) return ["disabled", "idle"];
+    if (t.ejected_until && t.ejected_until > now) return ["ejected until " + clock(t.ejected_until), "warn"];
+    var status = (t.health && t.health.status) || "unknown";
+    if (t.down || status === "down") return ["down", "bad"];
+    return [status, HEALTH_TONES[status] || "idle"];
+  }
+
+  function cell(row, text) {
+    var td = document.createElement("td");
+    td.textContent = text;
+    row.appendChild(td);
+    return td;
+  }
+
+  function renderTargets(module) {
+    var card = cardFor(module, false);
+    var targets = targetsByModule[module];
+    if (!card || !targets) return;
+    var table = field(card, "targets");
+    var body = table.querySelector("tbody");
+    body.textContent = "";
+    var now = Date.now() / 1000;
+    targets.forEach(function (t) {
+      var row = document.createElement("tr");
+      var state = targetState(t, now);
+      row.setAttribute("data-target", t.key);
+      row.setAttribute("data-state", state[0]);
+      var code = document.createElement("code");
+      code.textContent = t.key;
+      code.title = t.url || "";
+      cell(row, "").appendChild(code);
+      cell(row, String(t.weight === undefined ? "" : t.weight));
+      var badge = document.createElement("span");
+      badge.className = "vx-badge";
+      badge.setAttribute("data-tone", state[1]);
+      badge.textContent = state[0];
+      cell(row, "").appendChild(badge);
+      cell(row, String(t.in_flight || 0));
+      body.appendChild(row);
+    });
+    table.hidden = targets.length === 0;
+  }
+
+  function findTarget(module, key) {
+    var targets = targetsByModule[module] || [];
+    for (var i = 0; i < targets.length; i++) if (targets[i].key === key) return targets[i];
+    return null;
+  }
+
+  function applyTargetHealth(message) {
+    var t = findTarget(message.module, message.target);
+    if (!t) return;
+    t.health = { status: message.status, latency_ms: message.latency_ms, last_check: message.last_check,
+                 consecutive_failures: message.consecutive_failures, last_error: message.last_error };
+    t.down = message.status === "down";
+    renderTargets(message.module);
+  }
+
+  function applyTargetEjected(message) {
+    var t = findTarget(message.module, message.target);
+    if (!t) return;
+    t.ejected_until = message.ejected ? message.until : null;
+    if (message.count !== undefined) t.ejections = message.count;
+    renderTargets(message.module);
+    var card = cardFor(message.module, false);
+    if (card && message.ejected) flash(card);
+  }
+
+  // An ejection's end is also shown when its time passes (the event may come a bit later).
+  setInterval(function () {
+    var now = Date.now() / 1000;
+    Object.keys(targetsByModule).forEach(function (module) {
+      var due = targetsByModule[module].some(function (t) { return t.ejected_until && t.ejected_until <= now; });
+      if (due) {
+        targetsByModule[module].forEach(function (t) { if (t.ejected_until && t.ejected_until <= now) t.ejected_until = null; });
+        renderTargets(module);
+      }
+    });
+  }, 1000);
+
   function applySnapshot(message) {
     var modules = message.modules || {};
     var breakers = message.breakers || {};
@@ -127,9 +216,12 @@
     for (var i = 0; i < cards.length; i++) {
       if (!(cards[i].getAttribute("data-module") in modules)) cards[i].remove();
     }
+    targetsByModule = {};
     names.sort().forEach(function (name) {
       applyHealth(name, modules[name]);
       applyBreaker(name, breakers[name]);
+      targetsByModule[name] = modules[name].targets || [];
+      renderTargets(name);
     });
     root.setAttribute("data-synced-at", String(message.time || ""));
     root.dispatchEvent(new Event("vx11:changed")); // traffic.js sorts the cards by trouble
@@ -152,7 +244,17 @@
       }
       case "module.health":
         applyHealth(message.module, message);
+        if ((targetsByModule[message.module] || []).length === 1) {
+          // A module of one target: its module.health is that target's (no target.health).
+          applyTargetHealth(Object.assign({}, message, { target: targetsByModule[message.module][0].key }));
+        }
         root.dispatchEvent(new Event("vx11:changed"));
+        break;
+      case "target.health":
+        applyTargetHealth(message);
+        break;
+      case "target.ejected":
+        applyTargetEjected(message);
         break;
       case "route.changed":
         feedback(globalFeedback, "Route “" + message.intent + "” " + (message.action || "changed") + " at " + clock(message.time) + ".", "ok");

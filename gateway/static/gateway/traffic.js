@@ -3,7 +3,8 @@
  * process when Redis is configured), redrawn every few seconds with Chart.js (vendored).
  * Also keeps the modules in trouble first: breaker open, then half-open or health down,
  * then error % over 5 in the last minute; then by name.
- * Each card carries its totals as data attributes (data-requests, data-error-percent…).
+ * Each card carries its totals as data attributes (data-requests, data-error-percent…), and
+ * its bulkhead: calls in flight / the module's max_concurrent cap (this process).
  */
 (function () {
   "use strict";
@@ -103,6 +104,12 @@
     return value === null || value === undefined ? "—" : value.toFixed(digits) + suffix;
   }
 
+  // Calls in flight / the module's own cap (this process), as dashboard.py renders it.
+  function bulkheadText(b) {
+    if (!b) return "no cap of its own";
+    return b.inflight + " / " + b.max_concurrent + (b.queued ? " · " + b.queued + " queued" : "");
+  }
+
   function render(body) {
     latest = body.modules || {};
     var labels = (body.times || []).map(label);
@@ -133,6 +140,11 @@
         summary.textContent = (t.requests || 0) + " requests · errors " + fmt(t.error_percent, 1, " %") +
           " · p50 " + fmt(t.p50_ms, 1, " ms") + " · p99 " + fmt(t.p99_ms, 1, " ms") + " · 429s " + (t.rate_limited || 0);
       }
+    }
+    var heads = body.bulkheads || {};
+    for (var j = 0; j < cards.length; j++) {
+      var cell = cards[j].querySelector('[data-field="bulkhead"]');
+      if (cell) cell.textContent = bulkheadText(heads[cards[j].getAttribute("data-module")]);
     }
     root.setAttribute("data-traffic-at", String(Date.now()));
     root.setAttribute("data-traffic-shared", body.shared ? "yes" : "no");
