@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import IO, Any
 
-from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -23,7 +21,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from gateway.api.parsers import JSONParser
+from gateway.api.parsers import JSONParser, read_limited
 from gateway.api.permissions import IsAdminClient
 from gateway.core.problems import InvalidRequest
 from gateway.operations.config_apply import import_document
@@ -41,10 +39,7 @@ class YAMLParser(BaseParser):
         media_type: str | None = None,
         parser_context: Mapping[str, Any] | None = None,
     ) -> Any:
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        raw = stream.read(limit + 1 if limit is not None else -1) if stream is not None else b""
-        if limit is not None and len(raw) > limit:
-            raise RequestDataTooBig("Request body exceeded settings.DATA_UPLOAD_MAX_MEMORY_SIZE.")
+        raw = read_limited(stream)
         try:
             return parse(raw)
         except DocumentError as exc:

@@ -19,6 +19,15 @@ from rest_framework.exceptions import ParseError
 from rest_framework.parsers import BaseParser
 
 
+def read_limited(stream: IO[Any] | None) -> bytes:
+    """The body, refused past Django's own limit (2.5 MB by default: 413 payload_too_large)."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    raw: bytes = stream.read(limit + 1 if limit is not None else -1) if stream is not None else b""
+    if limit is not None and len(raw) > limit:
+        raise RequestDataTooBig("Request body exceeded settings.DATA_UPLOAD_MAX_MEMORY_SIZE.")
+    return raw
+
+
 class JSONParser(BaseParser):
     media_type = "application/json"
 
@@ -28,11 +37,7 @@ class JSONParser(BaseParser):
         media_type: str | None = None,
         parser_context: Mapping[str, Any] | None = None,
     ) -> Any:
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        raw = stream.read(limit + 1 if limit is not None else -1) if stream is not None else b""
-        if limit is not None and len(raw) > limit:
-            # Django's own body limit (2.5 MB by default): 413 payload_too_large.
-            raise RequestDataTooBig("Request body exceeded settings.DATA_UPLOAD_MAX_MEMORY_SIZE.")
+        raw = read_limited(stream)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
