@@ -248,7 +248,7 @@ async def stream_response(
             watch.stop()
         if not finished:
             response.close()  # closes the module's connection: its request is cancelled
-    if not settled:
+    if not settled or cut == IDLE:  # an idle cut is news even after a probe's head
         await settle(call, svc, response, permit, cut == IDLE)
 
 

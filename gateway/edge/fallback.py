@@ -192,6 +192,7 @@ async def choose(
     wanted = triggers(route.fallback_on)
     replayable = body is None or isinstance(body, bytes)
     primary: Failed | None = None
+    primary_target = call.chosen
     last: Failed | None = None
     hops: list[str] = []
     attempts = 0
@@ -226,9 +227,11 @@ async def choose(
         last = outcome
         if primary is None:
             primary = outcome
+            primary_target = call.chosen  # named in the answer if every option fails
         if not replayable and outcome.reason not in BEFORE_SENDING:
             break  # the streamed body went to this option: it cannot be sent again
     assert primary is not None
+    call.chosen = primary_target
     return _primary_error(call, chain[0], primary, attempts, overall)
 
 

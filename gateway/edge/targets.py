@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from gateway.core import metrics
 from gateway.edge import tracing
+from gateway.edge.auth import AUTH_DISABLED
 from gateway.edge.call import Call
 from gateway.operations import registry as services
 from gateway.policies.balancer import SESSION, Pool, TargetView
@@ -26,10 +27,17 @@ from gateway.policies.outlier import GATEWAY_FAILURES
 from gateway.upstream import OutboundRequest, choose_target
 
 
-def session_key(call: Call) -> str:
+def session_key(call: Call) -> str | None:
     """``lb=session``'s key: the Context-7 session id, else ``X-VX11-Session``, else the
-    client principal."""
-    return call.session_key or call.request.session or call.principal.id
+    client principal — but not a shared one (every anonymous caller, every caller when
+    authentication is off): those have no key and go by least request (SPEC §18)."""
+    found = call.session_key or call.request.session
+    if found:
+        return found
+    principal = call.principal
+    if not principal.authenticated or principal is AUTH_DISABLED:
+        return None
+    return principal.id
 
 
 def pick(

@@ -139,7 +139,13 @@ class PoolDetector(OutlierDetector):
         event = await self.record(pool.module, target, failure=failure, n_targets=len(pool.enabled))
         if event is not None and event.ejected:
             view = self._views.get(pool.module)
-            pool.set_ejected(view[1].ejected if view is not None else {target: event.until})
+            # Merged into what the pool shows (the Balancer is the whole process's: another
+            # loop's ejections are in it too), never replacing it.
+            ejected = {t.key: t.ejected_until for t in pool.targets if t.ejected_until}
+            if view is not None:
+                ejected.update(view[1].ejected)
+            ejected[target] = event.until
+            pool.set_ejected(ejected)
         return event
 
     async def return_early(self, module: str, target: str) -> Ejection | None:

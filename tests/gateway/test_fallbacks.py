@@ -20,7 +20,7 @@ from gateway.operations.config_apply import import_document
 from gateway.operations.config_doc import DocumentError
 from tests.conftest import OPERATOR_TOKEN
 from tests.gateway.test_metrics import scrape
-from tests.servers import free_port
+from tests.servers import UpstreamServer, free_port
 
 OP = {"X-VX11-Token": OPERATOR_TOKEN}
 MADRE_CHAT = "/madre/chat"
@@ -209,6 +209,22 @@ def test_every_option_failed_gives_the_primarys_error(http, upstream):
     assert r.status_code == 503 and r.json() == {"switch": "overloaded"}
     assert r.headers["x-vx11-module"] == "switch" and "x-vx11-fallback" not in r.headers
     assert paths(upstream) == ["/switch/task", "/madre/task"]
+
+
+def test_every_option_failed_names_the_primarys_target_too(http, gw_env, upstream):
+    # X-VX11-Module said switch but X-VX11-Target named madre's host:port (review finding).
+    primary = UpstreamServer().start()
+    try:
+        primary.respond("POST", "/switch/task", status=503, body={"switch": "overloaded"})
+        gw_env.set(VX11_MODULE_SWITCH_URL=primary.url)
+        task_route()
+        upstream.respond("POST", "/madre/task", status=500, body={"madre": "broken"})
+        r = http.post("/vx11/route/task", json={}, headers=OP)
+        assert r.status_code == 503 and r.headers["x-vx11-module"] == "switch"
+        assert r.headers["x-vx11-target"] == f"127.0.0.1:{primary.port}"
+        assert paths(upstream) == ["/madre/task"]
+    finally:
+        primary.stop()
 
 
 def test_an_empty_list_turns_the_code_fallback_off(http, gw_env, upstream):

@@ -114,6 +114,20 @@ def test_session_affinity_keeps_a_session_on_one_target_and_spreads_sessions(
     assert len({next(iter(t)) for t in where.values()}) == 3  # 24 keys over all three
 
 
+def test_lb_session_without_a_key_of_its_own_is_least_request_not_one_target(
+    http, replicas, gw_env
+) -> None:
+    # With authentication off every caller is the same principal ("auth-disabled"): keyed on
+    # it, all traffic without a session would sit on one replica (review finding).
+    gw_env.set(VX11_MODULE_SWITCH_LB="session", VX11_AUTH_ENABLED="false")
+    seen = set()
+    for _ in range(30):
+        r = http.post("/vx11/route/task", json={})
+        assert r.status_code == 200, r.text
+        seen.add(r.headers["x-vx11-target"])
+    assert len(seen) > 1, seen
+
+
 def test_a_stopped_replica_is_retried_ejected_then_returns_and_the_breaker_stays_closed(
     http, replicas, gw_env
 ) -> None:

@@ -29,9 +29,11 @@ if ends > now or not failure then
   return {}
 end
 c = c + 1
-redis.call('EXPIRE', KEYS[1], ARGV[11])
+-- The expiry is set after each write: EXPIRE on a hash that does not exist yet (a
+-- module's first failure) does nothing, and the HSET would then create it without one.
 if c < tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'c:' .. t, c)
+  redis.call('EXPIRE', KEYS[1], ARGV[11])
   return {}
 end
 local ejected, all = 0, redis.call('HGETALL', KEYS[1])
@@ -42,10 +44,12 @@ for i = 1, #all, 2 do
 end
 if ejected > 0 and 100.0 * (ejected + 1) > tonumber(ARGV[7]) * tonumber(ARGV[8]) then
   redis.call('HSET', KEYS[1], 'c:' .. t, c)
+  redis.call('EXPIRE', KEYS[1], ARGV[11])
   return {}
 end
 n = math.min(n + 1, tonumber(ARGV[9]))
 local ends_at = string.format('%.17g', now + math.min(base * n, tonumber(ARGV[6])) * tonumber(ARGV[10]))
 redis.call('HDEL', KEYS[1], 'c:' .. t)
 redis.call('HSET', KEYS[1], 'n:' .. t, n, 's:' .. t, ends_at, 'u:' .. t, ends_at)
+redis.call('EXPIRE', KEYS[1], ARGV[11])
 return {ends_at, n}

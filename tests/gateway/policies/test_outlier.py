@@ -378,3 +378,23 @@ async def test_a_dead_store_falls_back_to_memory(clock: FakeClock) -> None:
         assert A in (await det.reload(M)).ejected
     finally:
         await dead.aclose()
+
+
+async def test_a_modules_first_failure_already_has_an_expiry(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """EXPIRE before the first write did nothing: one failure of a target that then gets no
+    more traffic left its key in Redis forever (review finding)."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    store = RedisOutlierStore(client)
+    key = "vx11:od:first-failure"
+    try:
+        await client.delete(key)
+        await store.record(
+            "first-failure", A, clock.now, CFG, failure=True, n_targets=3, stretch=1.0
+        )
+        assert await client.exists(key)
+        assert 0 < await client.ttl(key) <= CFG.ttl
+    finally:
+        await client.delete(key)
+        await client.aclose()
