@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from gateway.core.clock import Clock
 from gateway.state.base import BreakerStore
-from gateway.state.guard import StoreGuard, StoreUnavailable
+from gateway.state.guard import Guarded, StoreGuard
 from gateway.state.memory import MemoryBreakerBackend
 from gateway.state.redis_store import RedisBreakerBackend
 from gateway.state.values import (
@@ -77,7 +77,7 @@ def is_failure(cfg: BreakerConfig, status: int | None, error: bool) -> bool:
 # --------------------------------------------------------------------------- fallback
 
 
-class FallbackBreakerBackend:
+class FallbackBreakerBackend(Guarded[BreakerBackend]):
     """The shared store first, memory when it is slow or down; a dead Redis never stalls a
     request.
 
@@ -95,30 +95,19 @@ class FallbackBreakerBackend:
         retry_interval: float = 1.0,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.primary = primary
-        self.fallback = fallback
-        self.guard = StoreGuard(
+        super().__init__(
+            primary,
+            fallback,
+            label="breaker store",
+            log=logger,
             timeout=timeout,
             retry_interval=retry_interval,
-            monotonic=clock,
-            log=logger,
-            label="breaker store",
+            clock=clock,
         )
-
-    @property
-    def degraded(self) -> bool:
-        """True from a store failure until the store answers again."""
-        return self.guard.degraded
 
     @property
     def timeout(self) -> float:
         return self.guard.timeout
-
-    async def _call[T](self, op: Callable[[BreakerBackend], Awaitable[T]]) -> T:
-        try:
-            return await self.guard.call(lambda: op(self.primary))
-        except StoreUnavailable:
-            return await op(self.fallback)
 
     def mark_unavailable(self, exc: BaseException) -> None:
         """The store failed (here or in a combined call elsewhere): use memory for a while."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from gateway.core.clock import Clock
 from gateway.core.conf import gw
@@ -50,7 +50,7 @@ from gateway.state.ejections import (
     OutlierConfig,
     Outliers,
 )
-from gateway.state.guard import StoreGuard, StoreUnavailable
+from gateway.state.guard import Guarded
 from gateway.state.memory import MemoryOutlierStore
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def outlier_config() -> OutlierConfig:
     )
 
 
-class FallbackOutlierStore:
+class FallbackOutlierStore(Guarded[OutlierStore]):
     """The shared store first, per-process memory while it is slow or down (the one store
     guard, as ``FallbackBreakerBackend``): an outage degrades sharing, never a request."""
 
@@ -86,18 +86,15 @@ class FallbackOutlierStore:
         retry_interval: float = 1.0,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.primary = primary
-        self.fallback = fallback
-        self.guard = StoreGuard(
-            timeout=timeout, retry_interval=retry_interval, monotonic=clock, log=logger,
+        super().__init__(
+            primary,
+            fallback,
             label="outlier store",
-        )  # fmt: skip
-
-    async def _call[T](self, op: Callable[[OutlierStore], Awaitable[T]]) -> T:
-        try:
-            return await self.guard.call(lambda: op(self.primary))
-        except StoreUnavailable:
-            return await op(self.fallback)
+            log=logger,
+            timeout=timeout,
+            retry_interval=retry_interval,
+            clock=clock,
+        )
 
     async def record(
         self,

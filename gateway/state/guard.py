@@ -84,4 +84,38 @@ class StoreGuard:
         self._retry_at = self._monotonic() + self.retry_interval
 
 
-__all__ = ["STORE_ERRORS", "Clock", "StoreGuard", "StoreUnavailable"]
+class Guarded[S]:
+    """A shared store with a per-process fallback behind one :class:`StoreGuard`: each
+    operation runs on ``primary`` while it answers in time, on ``fallback`` otherwise (the
+    breaker backend and the outlier store build on this)."""
+
+    def __init__(
+        self,
+        primary: S,
+        fallback: S,
+        *,
+        label: str,
+        log: logging.Logger,
+        timeout: float = 0.05,
+        retry_interval: float = 1.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.guard = StoreGuard(
+            timeout=timeout, retry_interval=retry_interval, monotonic=clock, log=log, label=label
+        )
+
+    @property
+    def degraded(self) -> bool:
+        """True from a store failure until the store answers again."""
+        return self.guard.degraded
+
+    async def _call[T](self, op: Callable[[S], Awaitable[T]]) -> T:
+        try:
+            return await self.guard.call(lambda: op(self.primary))
+        except StoreUnavailable:
+            return await op(self.fallback)
+
+
+__all__ = ["STORE_ERRORS", "Clock", "Guarded", "StoreGuard", "StoreUnavailable"]
