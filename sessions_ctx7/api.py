@@ -20,7 +20,7 @@ from rest_framework.views import APIView
 from gateway.api.authentication import principal_of
 from gateway.core.problems import AuthRequired, InvalidRequest
 from gateway.edge.auth import Principal
-from sessions_ctx7 import services
+from sessions_ctx7 import reading, services
 from sessions_ctx7.serializers import (
     CleanupSerializer,
     SessionDetailSerializer,
@@ -88,7 +88,7 @@ class SessionListView(APIView):
                     errors={"client": ["Not an owner id."]},
                 )
         include_expired = request.query_params.get("include_expired", "").lower() in TRUE
-        sessions = services.visible(owner, include_expired=include_expired)
+        sessions = reading.visible(owner, include_expired=include_expired)
         page = sessions[offset : offset + limit]
         return Response(
             {
@@ -108,7 +108,7 @@ class SessionDetailView(APIView):
     )
     def get(self, request: Request, session_id: str) -> Response:
         caller = _caller(request)
-        session = services.get_for(caller.id, caller.is_admin, session_id)
+        session = reading.get_for(caller.id, caller.is_admin, session_id)
         return Response(SessionDetailSerializer(session).data)
 
     @extend_schema(
@@ -118,7 +118,7 @@ class SessionDetailView(APIView):
     )
     def delete(self, request: Request, session_id: str) -> Response:
         caller = _caller(request)
-        session = services.get_for(caller.id, caller.is_admin, session_id, include_expired=True)
+        session = reading.get_for(caller.id, caller.is_admin, session_id, include_expired=True)
         session.delete()
         return Response(status=status.HTTP_204_NO_CONTENT)
 

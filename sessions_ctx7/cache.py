@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -45,7 +45,19 @@ class Entry:
     guard: list[Any] | None = None
 
     def copy(self) -> Entry:
-        return replace(self, recent=list(self.recent))
+        return Entry(
+            self.pk,
+            self.session_id,
+            self.client,
+            self.created_at,
+            self.last_activity,
+            self.expires_at,
+            self.topic,
+            self.message_count,
+            self.seq,
+            list(self.recent),
+            self.guard,
+        )
 
 
 class Cache:

@@ -23,16 +23,16 @@ racing, none is lost and the cap is never exceeded.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import QuerySet
 from django.utils import timezone
 
 from gateway.core.conf import gw
-from gateway.core.problems import Forbidden, NotFound
+from gateway.core.problems import Forbidden
 from sessions_ctx7 import statements
 from sessions_ctx7.cache import Entry, cache
 from sessions_ctx7.models import Message, Session
@@ -216,6 +216,30 @@ def _write_warm(
     return True
 
 
+def _unprotected[T](fn: Callable[..., T], *args: Any) -> T:
+    """Run a warm write without a savepoint (inside a fast writer batch).
+
+    Safe because a warm write starts with its guarded ``UPDATE``: a miss writes nothing and
+    the turn goes on to the savepoint path. Any failure after that may leave half a turn in
+    the batch's transaction, so it becomes :class:`~sessions_ctx7.statements.Unsafe` and
+    the writer rolls the batch back and runs it again with a savepoint per turn."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise statements.Unsafe(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _append_warm(
+    pk: int, role: str, content: str, generation: datetime, now: datetime, meta: dict[str, Any]
+) -> bool:
+    entry = cache.get_pk(pk) if cache.active else None
+    return (
+        entry is not None
+        and entry.created_at == generation
+        and _write_warm(entry, role, content, meta, now)
+    )
+
+
 def _open_warm(
     owner: str, session_id: str, content: str | None, now: datetime, metadata: dict[str, Any]
 ) -> Opened | None:
@@ -255,6 +279,10 @@ def open_turn(
     path: lock/read the row, write the message, write the row.
     """
     now = resolve_now(now)
+    if statements.fast_batch():  # a warm write needs no savepoint (see _unprotected)
+        warm = _unprotected(_open_warm, owner, session_id, content, now, metadata or {})
+        if warm is not None:
+            return warm
     for attempt in range(2):
         try:
             with transaction.atomic():
@@ -338,13 +366,12 @@ def append(
     longer ``generation``): a late answer never revives or pollutes a conversation.
     """
     now = resolve_now(now)
+    if statements.fast_batch() and _unprotected(
+        _append_warm, pk, role, content, generation, now, metadata or {}
+    ):
+        return True
     with transaction.atomic():
-        entry = cache.get_pk(pk) if cache.active else None
-        if (
-            entry is not None
-            and entry.created_at == generation
-            and _write_warm(entry, role, content, metadata or {}, now)
-        ):
+        if _append_warm(pk, role, content, generation, now, metadata or {}):
             return True
         session = statements.lock_session("pk", pk)
         if session is None or session.created_at != generation or session.is_expired(now):
@@ -355,41 +382,3 @@ def append(
         statements.save_session(session, SAVED_FIELDS)
         cache.stage(_entry_of(session))
     return True
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def visible(
-    owner: str | None, *, include_expired: bool = False, now: datetime | None = None
-) -> QuerySet[Session]:
-    """Sessions a caller may see: its own (``owner``), or all (``owner=None``, admins)."""
-    sessions = Session.objects.all()
-    if owner is not None:
-        sessions = sessions.filter(client=owner)
-    if not include_expired:
-        sessions = sessions.filter(expires_at__gt=resolve_now(now))
-    return sessions.order_by("-last_activity", "-pk")
-
-
-def get_for(
-    owner: str,
-    is_admin: bool,
-    session_id: str,
-    *,
-    include_expired: bool = False,
-    now: datetime | None = None,
-) -> Session:
-    """One session for the API: 404 unknown (or expired), 403 someone else's (non-admin)."""
-    session = None
-    if SESSION_ID_RE.match(session_id):
-        session = Session.objects.filter(session_id=session_id).first()
-    if session is None or (not include_expired and session.is_expired(resolve_now(now))):
-        raise NotFound(f"No Context-7 session {session_id[:128]!r}.")
-    if session.client != owner and not is_admin:
-        raise Forbidden("This session belongs to another client.")
-    return session
-
-
-def messages_of(session: Session) -> QuerySet[Message]:
-    return session.messages.order_by("seq")

@@ -13,6 +13,16 @@ model instances (``Manager.raw``: the fields' converters run as for any query).
 
 The rare paths (a new session, a restart, a lowered cap) stay on the ORM.
 
+The writes of a warm turn (``insert_message``, ``recycle_message``, ``save_session``,
+``save_session_if``) go further: they run on the driver's own connection (``sqlite3`` or
+``psycopg``, :class:`Db`), inside Django's transaction and with Django's error wrapping,
+but without its cursor wrapper, and their values are prepared by the backend's own
+adapters (``adapt_datetimefield_value``, ``adapt_json_value``: what ``get_db_prep_save``
+ends in for these fields) without the field machinery around them. While queries are being
+logged (``DEBUG``, ``CaptureQueriesContext``) they go through Django's cursor, so they are
+seen like any other query. ``tests/sessions_ctx7/test_statements.py`` checks that both ways
+store the same values.
+
 Every name in the SQL comes from the models' own metadata, quoted by the backend
 (``quote_name``); values only ever travel as parameters (``%s``) — hence the ``noqa: S608``.
 """
@@ -20,13 +30,20 @@ Every name in the SQL comes from the models' own metadata, quoted by the backend
 from __future__ import annotations
 
 import functools
+import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from json import encoder as json_encoder
 from typing import Any
 
-from django.db import OperationalError, connection
-from django.db.models import Field, Model
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import DateTimeField, Field, JSONField, Model
 
+from sessions_ctx7.cache import Entry
 from sessions_ctx7.models import Message, Session
 
 LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for NOWAIT on a locked row
@@ -48,14 +65,137 @@ def _column(model: type[Model], name: str) -> str:
     return connection.ops.quote_name(column)
 
 
-#: Set by the writer while it runs a batch: a row another transaction holds is not waited
-#: for (``FOR UPDATE NOWAIT``, PostgreSQL); the turn is run again on its own instead, so
-#: the batch's other sessions never wait for that one's lock.
+#: Set by the writer while it runs a batch: ``active``, a row another transaction holds is
+#: not waited for (``FOR UPDATE NOWAIT``, PostgreSQL); the turn is run again on its own
+#: instead, so the batch's other sessions never wait for that one's lock. ``fast``: the
+#: batch runs warm writes without savepoints (a locked row is skipped, ``SKIP LOCKED``, and
+#: the turn takes the savepoint path; any failure reruns the whole batch with savepoints).
 in_batch = threading.local()
+
+
+def fast_batch() -> bool:
+    """True inside a writer batch whose warm writes run without savepoints."""
+    return getattr(in_batch, "fast", False)
 
 
 class RowBusy(Exception):
     """The session row is locked by another transaction (raised only inside a batch)."""
+
+
+class Unsafe(Exception):
+    """A write failed while no savepoint protected its turn: the batch must be rolled back
+    and run again with one savepoint per turn (the writer does)."""
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def _kind(model: type[Model], name: str) -> str:
+    field = _field(model, name)
+    if isinstance(field, DateTimeField):
+        return "datetime"
+    if isinstance(field, JSONField):
+        return "json"
+    return "plain"
+
+
+@dataclass(slots=True)
+class Db:
+    """This thread's database connection as the warm writes use it."""
+
+    wrapper: BaseDatabaseWrapper
+    raw: Any  # the driver's connection; None while Django logs queries
+    dt: Callable[[datetime], Any]  # a DateTimeField value as the backend stores it
+    json: Callable[[Any], Any]  # a JSONField value as the backend stores it
+    placeholder: str
+
+    def prep(self, model: type[Model], names: Sequence[str], values: Sequence[Any]) -> list[Any]:
+        kinds = _kinds(model, tuple(names))
+        return [
+            value if kind == "plain" or value is None else self._adapt(kind, value)
+            for kind, value in zip(kinds, values, strict=True)
+        ]
+
+    def _adapt(self, kind: str, value: Any) -> Any:
+        return self.dt(value) if kind == "datetime" else self.json(value)
+
+    def run(self, sql: str, params: Sequence[Any]) -> int:
+        """Execute ``sql`` (``%s`` marks); the number of rows it touched."""
+        if self.raw is None:
+            with self.wrapper.cursor() as cursor:
+                cursor.execute(sql, params)
+                return int(cursor.rowcount)
+        if self.placeholder != "%s":
+            sql = _native(sql, self.placeholder)
+        with self.wrapper.wrap_database_errors:
+            return int(self.raw.execute(sql, params).rowcount)
+
+
+@functools.cache
+def _kinds(model: type[Model], names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_kind(model, name) for name in names)
+
+
+@functools.cache
+def _native(sql: str, placeholder: str) -> str:
+    return sql.replace("%s", placeholder)
+
+
+def sqlite_datetime(zone: tzinfo) -> Callable[[datetime], str]:
+    """The SQLite backend's ``adapt_datetimefield_value`` (aware → naive in the connection's
+    zone → ``str``) without its checks, remembering the last value: a turn prepares the same
+    instant (its ``now``) for several columns."""
+    last: list[Any] = [None, ""]
+
+    def adapt(value: datetime) -> str:
+        if value is last[0]:
+            return str(last[1])
+        text = str(
+            value.astimezone(zone).replace(tzinfo=None) if value.utcoffset() is not None else value
+        )
+        last[0], last[1] = value, text
+        return text
+
+    return adapt
+
+
+def text_json() -> Callable[[Any], str]:
+    """``json.dumps(value)`` (what the base backend's ``adapt_json_value`` stores), with the
+    C encoder made once instead of on every call: the same text, a third of the time."""
+    make = getattr(json_encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has it
+        return json.dumps
+    default = json.JSONEncoder().default
+    encode = make(
+        None, default, json_encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True
+    )
+    return lambda value: "".join(encode(value, 0))
+
+
+_local = threading.local()
+
+
+def db() -> Db:
+    """This thread's :class:`Db` (inside a writer batch, the batch's connection)."""
+    wrapper = getattr(in_batch, "wrapper", None) or connections[DEFAULT_DB_ALIAS]
+    if wrapper.connection is None:
+        wrapper.ensure_connection()
+    raw = None if wrapper.queries_logged else wrapper.connection
+    cached: Db | None = getattr(_local, "db", None)
+    if cached is not None and cached.wrapper is wrapper and cached.raw is raw:
+        return cached
+    ops = wrapper.ops
+    dt: Callable[[datetime], Any] = ops.adapt_datetimefield_value
+    dumps: Callable[[Any], Any] = functools.partial(ops.adapt_json_value, encoder=None)
+    if wrapper.vendor == "sqlite":
+        if settings.USE_TZ:
+            dt = sqlite_datetime(wrapper.timezone or UTC)
+        dumps = text_json()
+    _local.db = made = Db(wrapper, raw, dt, dumps, "?" if wrapper.vendor == "sqlite" else "%s")
+    return made
+
+
+# --------------------------------------------------------------------------- reading
 
 
 @functools.cache
@@ -82,6 +222,8 @@ def lock_session(by: str, value: object) -> Session | None:
     return rows[0] if rows else None
 
 
+# --------------------------------------------------------------------------- writing
+
 MESSAGE_FIELDS = ("session", "seq", "role", "content", "metadata", "created_at")
 
 
@@ -92,19 +234,12 @@ def _insert_sql(vendor: str) -> str:
     return f"INSERT INTO {_table(Message)} ({columns}) VALUES ({marks})"  # noqa: S608
 
 
-def _prep(model: type[Model], names: Sequence[str], values: Sequence[object]) -> list[Any]:
-    return [
-        _field(model, name).get_db_prep_save(value, connection)
-        for name, value in zip(names, values, strict=True)
-    ]
-
-
 def insert_message(
-    session_pk: int, seq: int, role: str, content: str, metadata: object, created_at: object
+    session_pk: int, seq: int, role: str, content: str, metadata: object, created_at: datetime
 ) -> None:
-    values = _prep(Message, MESSAGE_FIELDS, (session_pk, seq, role, content, metadata, created_at))
-    with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(connection.vendor), values)
+    d = db()
+    values = [session_pk, seq, role, content, d.json(metadata), d.dt(created_at)]  # MESSAGE_FIELDS
+    d.run(_insert_sql(d.wrapper.vendor), values)
 
 
 RECYCLED_FIELDS = ("seq", "role", "content", "metadata", "created_at")
@@ -126,13 +261,12 @@ def recycle_message(
     role: str,
     content: str,
     metadata: object,
-    created_at: object,
+    created_at: datetime,
 ) -> bool:
     """Rewrite message ``old_seq`` as the newest one (``seq``); False if there is none."""
-    values = _prep(Message, RECYCLED_FIELDS, (seq, role, content, metadata, created_at))
-    with connection.cursor() as cursor:
-        cursor.execute(_recycle_sql(connection.vendor), [*values, session_pk, old_seq])
-        return bool(cursor.rowcount)
+    d = db()
+    values = [seq, role, content, d.json(metadata), d.dt(created_at), session_pk, old_seq]
+    return bool(d.run(_recycle_sql(d.wrapper.vendor), values))
 
 
 @functools.cache
@@ -144,10 +278,10 @@ def _update_sql(vendor: str, names: tuple[str, ...]) -> str:
 def save_session(session: object, names: Sequence[str]) -> None:
     """``session.save(update_fields=names)``, without the compiler."""
     fields = tuple(names)
-    values = _prep(Session, fields, [getattr(session, name) for name in fields])
+    d = db()
+    values = d.prep(Session, fields, [getattr(session, name) for name in fields])
     pk = getattr(session, "pk")  # noqa: B009 - a Session or a cache entry
-    with connection.cursor() as cursor:
-        cursor.execute(_update_sql(connection.vendor, fields), [*values, pk])
+    d.run(_update_sql(d.wrapper.vendor, fields), [*values, pk])
 
 
 #: Every column of the row a turn writes: a guarded write matches only a row that is,
@@ -166,38 +300,59 @@ GUARD_FIELDS = (
 
 
 @functools.cache
-def _update_if_sql(vendor: str, names: tuple[str, ...], nowait: bool) -> str:
+def _update_if_sql(vendor: str, names: tuple[str, ...], lock: str) -> str:
     table, pk = _table(Session), _column(Session, "id")
     sets = ", ".join(f"{_column(Session, name)} = %s" for name in names)
     guards = " AND ".join(f"{_column(Session, name)} = %s" for name in GUARD_FIELDS)
     where = f"{pk} = %s"
-    if nowait:  # PostgreSQL in a batch: a row another transaction holds is not waited for
-        where = f"{pk} IN (SELECT {pk} FROM {table} WHERE {pk} = %s FOR UPDATE NOWAIT)"  # noqa: S608
+    if lock:  # PostgreSQL in a batch: a row another transaction holds is not waited for
+        where = f"{pk} IN (SELECT {pk} FROM {table} WHERE {pk} = %s FOR UPDATE {lock})"  # noqa: S608
     return f"UPDATE {table} SET {sets} WHERE {where} AND {guards}"  # noqa: S608
 
 
 def prep_guard(session: object) -> list[Any]:
     """The :data:`GUARD_FIELDS` of ``session`` as the database holds them."""
-    return _prep(Session, GUARD_FIELDS, [getattr(session, name) for name in GUARD_FIELDS])
+    return db().prep(Session, GUARD_FIELDS, [getattr(session, name) for name in GUARD_FIELDS])
 
 
-def save_session_if(session: object, pk: int, guard: Sequence[Any]) -> list[Any] | None:
+def _row_lock(d: Db) -> str:
+    """How a guarded write treats a row another transaction holds (PostgreSQL, in a batch)."""
+    features = d.wrapper.features
+    if fast_batch() and features.has_select_for_update_skip_locked:
+        return "SKIP LOCKED"  # no error (which would abort a batch without savepoints)
+    if getattr(in_batch, "active", False) and features.has_select_for_update_nowait:
+        return "NOWAIT"
+    return ""
+
+
+def save_session_if(session: Entry, pk: int, guard: Sequence[Any]) -> list[Any] | None:
     """Write the :data:`GUARD_FIELDS` but ``session_id`` of ``session`` to row ``pk`` only if
-    the row still holds ``guard`` (:func:`prep_guard` of what the turn was computed from).
+    the row still holds ``guard`` (:func:`prep_guard` of what the turn was computed from;
+    ``client`` and ``created_at`` are written as the guard holds them: a warm turn never
+    changes them).
 
-    Returns the new row's guard (for the next turn), None if the row changed or is gone.
-    Raises RowBusy inside a batch on a row locked elsewhere."""
+    Returns the new row's guard (for the next turn), None if the row changed or is gone
+    (or, in a fast batch, is locked by another transaction). Raises RowBusy inside a batch
+    on a row locked elsewhere."""
     fields = GUARD_FIELDS[1:]
-    values = _prep(Session, fields, [getattr(session, name) for name in fields])
-    nowait = getattr(in_batch, "active", False) and connection.features.has_select_for_update_nowait
-    sql = _update_if_sql(connection.vendor, fields, nowait)
+    d = db()
+    values = [
+        guard[1],  # client and created_at never change on this path: as the guard holds them
+        guard[2],
+        d.dt(session.last_activity),
+        d.dt(session.expires_at),
+        session.topic,
+        session.message_count,
+        session.seq,
+        d.json(session.recent),
+    ]
+    lock = _row_lock(d)
+    sql = _update_if_sql(d.wrapper.vendor, fields, lock)
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [*values, pk, *guard])
-            if not cursor.rowcount:
-                return None
+        if not d.run(sql, [*values, pk, *guard]):
+            return None
     except OperationalError as exc:
-        if nowait and getattr(exc.__cause__, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+        if lock == "NOWAIT" and getattr(exc.__cause__, "sqlstate", None) == LOCK_NOT_AVAILABLE:
             raise RowBusy(str(pk)) from exc
         raise
     return [guard[0], *values]
@@ -205,7 +360,11 @@ def save_session_if(session: object, pk: int, guard: Sequence[Any]) -> list[Any]
 
 __all__ = [
     "GUARD_FIELDS",
+    "Db",
     "RowBusy",
+    "Unsafe",
+    "db",
+    "fast_batch",
     "in_batch",
     "insert_message",
     "lock_session",

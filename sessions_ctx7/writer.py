@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 
 from sessions_ctx7 import statements
 from sessions_ctx7.cache import cache
@@ -120,7 +120,7 @@ class Writer:
                     batch.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            busy = self._commit(batch, nowait=True, parked=self._is_parked)
+            busy = self._run_batch(batch)
             put_off = set(map(id, busy))
             for job in batch:
                 if id(job) not in put_off:
@@ -132,11 +132,22 @@ class Writer:
             for job in busy:
                 self._waiting.put(job)
 
+    def _run_batch(self, batch: list[Job]) -> list[Job]:
+        """The batch without savepoints around warm writes; if one of those fails, the batch
+        again with a savepoint per turn (:class:`~sessions_ctx7.statements.Unsafe`)."""
+        try:
+            return self._commit(batch, nowait=True, parked=self._is_parked, fast=True)
+        except statements.Unsafe:
+            log.warning("context7 writer: a batch runs again turn by turn", exc_info=True)
+            for job in batch:
+                job.result = job.error = None
+            return self._commit(batch, nowait=True, parked=self._is_parked, fast=False)
+
     def _wait(self) -> None:
         """Parked turns, one transaction each, waiting for their row like any turn did."""
         while True:
             job = self._waiting.get()
-            self._commit([job], nowait=False, parked=None)
+            self._commit([job], nowait=False, parked=None, fast=False)
             _hand_over(job)
             assert job.key is not None
             with self._lock:
@@ -147,13 +158,42 @@ class Writer:
                     del self._parked[job.key]
 
     @staticmethod
+    def _run_jobs(jobs: list[Job], parked: Callable[[str], bool] | None, busy: list[Job]) -> None:
+        """Each job in its turn, inside the batch's transaction; put off (into ``busy``) the
+        jobs of a session whose row is held elsewhere or that has parked turns."""
+        busy_keys: set[str] = set()
+        for job in jobs:
+            key = job.key
+            if key is not None and (key in busy_keys or (parked is not None and parked(key))):
+                busy.append(job)
+                busy_keys.add(key)
+                continue
+            mark = cache.mark()
+            try:
+                job.result = job.fn()  # atomic itself: a savepoint of the batch
+            except statements.Unsafe:
+                raise  # out of the transaction: the batch is rolled back
+            except statements.RowBusy:
+                cache.rollback_to(mark)
+                if key is None:
+                    raise
+                busy.append(job)
+                busy_keys.add(key)
+            except Exception as exc:
+                cache.rollback_to(mark)
+                job.error = exc
+
+    @staticmethod
     def _commit(
-        jobs: list[Job], *, nowait: bool, parked: Callable[[str], bool] | None
+        jobs: list[Job], *, nowait: bool, parked: Callable[[str], bool] | None, fast: bool
     ) -> list[Job]:
         """Run ``jobs`` in one transaction; return those put off because their session's
         row was locked by another transaction (``nowait``: PostgreSQL's ``NOWAIT``) or
         because the session already has parked turns — in order, with every later job of
-        such a session, so the turns of one session keep their order."""
+        such a session, so the turns of one session keep their order.
+
+        ``fast``: warm writes run without savepoints; if one fails, Unsafe is raised after
+        the whole transaction was rolled back (nothing of the batch is stored)."""
         if (
             connection.connection is not None
             and connection.errors_occurred
@@ -161,33 +201,17 @@ class Writer:
         ):
             connection.close()  # the database restarted: start the batch on a new connection
         busy: list[Job] = []
-        busy_keys: set[str] = set()
         statements.in_batch.active = nowait
+        statements.in_batch.fast = fast
+        statements.in_batch.wrapper = connections[DEFAULT_DB_ALIAS]
         cache.begin()
         committed = False
         try:
             with transaction.atomic():
-                for job in jobs:
-                    key = job.key
-                    if key is not None and (
-                        key in busy_keys or (parked is not None and parked(key))
-                    ):
-                        busy.append(job)
-                        busy_keys.add(key)
-                        continue
-                    mark = cache.mark()
-                    try:
-                        job.result = job.fn()  # atomic itself: a savepoint of the batch
-                    except statements.RowBusy:
-                        cache.rollback_to(mark)
-                        if key is None:
-                            raise
-                        busy.append(job)
-                        busy_keys.add(key)
-                    except Exception as exc:
-                        cache.rollback_to(mark)
-                        job.error = exc
+                Writer._run_jobs(jobs, parked, busy)
             committed = True
+        except statements.Unsafe:
+            raise
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
             put_off = set(map(id, busy))
             for job in jobs:
@@ -198,7 +222,8 @@ class Writer:
             for job in jobs:
                 job.error = job.error or exc
         finally:
-            statements.in_batch.active = False
+            statements.in_batch.active = statements.in_batch.fast = False
+            statements.in_batch.wrapper = None
             cache.end(committed=committed)
         return busy
 

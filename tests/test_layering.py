@@ -39,6 +39,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sessions_ctx7.statements",
             "sessions_ctx7.cache",
             "sessions_ctx7.enrich",
+            "sessions_ctx7.reading",
         ),
     ),
     ("edge", ("gateway.edge",)),

@@ -132,14 +132,17 @@ def test_an_aborted_upload_gives_the_half_open_probe_back(http, upstream, gw_env
     """The probe it took is released: the next caller probes at once and closes the breaker
     (before, the abort was the probe's failure and reopened the breaker for 60 s)."""
     redis_url = request.getfixturevalue("redis_url") if store == "redis" else None
-    gw_env.set(VX11_CB_RECOVERY_TIMEOUT="0.3", VX11_REDIS_URL=redis_url)
+    # Long enough that the breaker cannot turn half-open before it is seen open on a loaded
+    # machine (0.3 s once did under -n 4), and that a probe failure would keep it open well
+    # past the next request; the test waits for half-open explicitly.
+    gw_env.set(VX11_CB_RECOVERY_TIMEOUT="2", VX11_REDIS_URL=redis_url)
     upstream.respond("POST", "/switch/task", status=503)
     for _ in range(3):
         assert http.post("/vx11/route/task", json={}, headers=H).status_code == 503
     assert breaker(http, "switch")["state"] == "open"
     reading = Reading()
     upstream.route("POST", "/switch/task", reading, read_body=False)
-    assert wait_until(lambda: breaker(http, "switch")["state"] == "half_open")
+    assert wait_until(lambda: breaker(http, "switch")["state"] == "half_open", timeout=10)
     with socket.create_connection(("127.0.0.1", http.base_url.port or 80)) as sock:
         sock.sendall(
             head("/vx11/route/task", f"X-VX11-Token: {OPERATOR_TOKEN}", "Content-Length: 100")

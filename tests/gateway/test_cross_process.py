@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -228,6 +229,22 @@ def test_every_write_path_bumps_the_version_in_the_database(transactional_db: No
     assert bumped()
     ApiClient.objects.filter(name="nobody").update(active=False)  # no row: no bump
     assert not bumped()
+
+
+def test_loaddata_bumps_the_version_in_the_database(transactional_db: None, tmp_path: Path) -> None:
+    """``loaddata`` saves raw (``Model.save_base``, not ``ConfigModel.save``): only the
+    ``post_save`` receiver announces it, and it still bumps ``ConfigVersion``."""
+    from django.core.management import call_command
+
+    from gateway.models import ConfigVersion, Module
+
+    fixture = tmp_path / "modules.json"
+    row = {"name": "loaded", "url": "http://127.0.0.1:9", "updated_at": "2024-01-01T00:00:00Z"}
+    fixture.write_text(json.dumps([{"model": "gateway.module", "pk": 900, "fields": row}]))
+    before = ConfigVersion.read()
+    call_command("loaddata", str(fixture), verbosity=0)
+    assert Module.objects.filter(name="loaded").exists()
+    assert ConfigVersion.read() > before
 
 
 def next_transition(ws: ClientConnection, timeout: float) -> dict[str, Any] | None:
