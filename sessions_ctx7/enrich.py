@@ -16,6 +16,7 @@ is the pipeline's decision: it does not call this module at all when off.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from django.db import DatabaseError
 
 from gateway.core import correlation
 from gateway.core.problems import InvalidRequest
-from sessions_ctx7 import services
+from sessions_ctx7 import peek, services, turns
+from sessions_ctx7.warm import Push
 from sessions_ctx7.writer import writer
 
 log = logging.getLogger("sessions_ctx7")
@@ -48,6 +50,9 @@ class Turn:
     summary: str
     created: bool  # the id was unknown and a session was created for it
     restarted: bool  # the id named an expired session, which started over
+    #: Begun without the writer (a warm session, :mod:`sessions_ctx7.turns`): the user's
+    #: message is written with the reply by :func:`finish`, or alone by :func:`settle`.
+    pending: turns.Pending | None = None
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -108,10 +113,21 @@ async def begin(
         # holds stay identical, and the answer is the same on SQLite and PostgreSQL.
         raise InvalidRequest("The message must not contain NUL characters (\\u0000).")
     meta = {"correlation_id": correlation.current.get()}
-    opened = await writer.run(
-        functools.partial(services.open_turn, owner, session_id, content, now=now, metadata=meta),
-        key=session_id,
-    )
+    warm = None
+    if peek.available():  # the row can be checked from here: no writer job before the call
+        warm = turns.begin_warm(owner, session_id, content, services.resolve_now(now), meta)
+    if warm is not None:
+        opened, pending = warm
+    else:
+        opened, pending = (
+            await writer.run(
+                functools.partial(
+                    services.open_turn, owner, session_id, content, now=now, metadata=meta
+                ),
+                key=session_id,
+            ),
+            None,
+        )
     client_meta = data.get("metadata")
     if isinstance(client_meta, dict):
         metadata = dict(client_meta)
@@ -131,6 +147,7 @@ async def begin(
         opened.summary,
         opened.created,
         opened.restarted,
+        pending,
     )
 
 
@@ -147,42 +164,77 @@ async def finish(
     """Record the assistant's reply of a 2xx JSON object answer; return the answer to send.
 
     Error answers (non-2xx) and non-JSON or non-object bodies are returned
-    untouched and store nothing. A database failure here is logged, not raised:
+    untouched and store no reply. A database failure here is logged, not raised:
     the client still gets the answer the module produced.
     """
-    if not 200 <= status < 300 or not _is_json(content_type):
-        return body
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body
-    if not isinstance(data, dict):
-        return body
-    reply = _first_text(data, REPLY_FIELDS)
-    if reply is not None:
-        if NUL in reply:  # the client gets the module's answer unchanged; the history a
-            reply = reply.replace(NUL, REPLACEMENT)  # storable copy, on every database
-        meta = {"correlation_id": correlation.current.get(), "status": status}
-        try:
-            await writer.run(
-                functools.partial(
-                    services.append,
-                    turn.session_pk,
-                    "assistant",
-                    reply,
-                    generation=turn.generation,
-                    now=now,
-                    metadata=meta,
-                ),
-                key=turn.session_id,
-            )
-        except DatabaseError:
-            log.warning(
-                "context7: the assistant reply was not stored",
-                extra={"session_id": turn.session_id},
-                exc_info=True,
-            )
-    if "session_id" in data:
+    data = _answer_object(status, content_type, body)
+    reply = _first_text(data, REPLY_FIELDS) if data is not None else None
+    if reply is not None and NUL in reply:  # the client gets the module's answer unchanged;
+        reply = reply.replace(NUL, REPLACEMENT)  # the history a storable copy, on every database
+    meta = {"correlation_id": correlation.current.get(), "status": status}
+    if turn.pending is not None:
+        at = services.resolve_now(now)
+        push = None if reply is None else Push("assistant", reply, meta, at)
+        await _store(turn, functools.partial(turns.record, turn.pending, push, now=at))
+    elif reply is not None:
+        append = functools.partial(
+            services.append,
+            turn.session_pk,
+            "assistant",
+            reply,
+            generation=turn.generation,
+            now=now,
+            metadata=meta,
+        )
+        await _store(turn, append)
+    if data is None or "session_id" in data:
         return body
     data["session_id"] = turn.session_id
     return orjson.dumps(data)
+
+
+def _answer_object(status: int, content_type: str | None, body: bytes) -> dict[str, Any] | None:
+    """The answer as a JSON object, if it is a 2xx JSON object answer."""
+    if not 200 <= status < 300 or not _is_json(content_type):
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def _store(turn: Turn, job: functools.partial[bool]) -> None:
+    try:
+        await writer.run(job, key=turn.session_id)
+    except DatabaseError:
+        log.warning(
+            "context7: the turn was not stored",
+            extra={"session_id": turn.session_id},
+            exc_info=True,
+        )
+
+
+async def settle(turn: Turn) -> None:
+    """The module gave no answer (an error, a timeout, the client left): a turn begun
+    without the writer records the user's message alone, as a first job would have."""
+    if turn.pending is None:
+        return
+    job = functools.partial(turns.record, turn.pending, None)
+    future = writer.submit(job, key=turn.session_id)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:  # cancelled again: the writer stores it all the same
+        future.add_done_callback(_logged)
+        raise
+    except DatabaseError:
+        log.warning(
+            "context7: the user's message was not stored",
+            extra={"session_id": turn.session_id},
+            exc_info=True,
+        )
+
+
+def _logged(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("context7: the user's message was not stored", exc_info=future.exception())

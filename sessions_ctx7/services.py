@@ -23,7 +23,6 @@ racing, none is lost and the cap is never exceeded.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,12 +36,19 @@ from sessions_ctx7 import statements
 from sessions_ctx7.cache import Entry, cache
 from sessions_ctx7.models import Message, Session
 from sessions_ctx7.topics import classify_topic as classify_topic  # re-exported
+from sessions_ctx7.warm import (  # expires_at_for and snippet are re-exported
+    SUMMARY_MESSAGES,
+    Push,
+    entry_of,
+    expires_at_for,
+    snippet,
+    unprotected,
+    write_warm,
+)
 
 # ``\Z``, not ``$``: ``$`` also matches before a trailing newline, and "abc\n" would then
 # be stored and sent back in the ``X-VX11-Session`` header (an illegal header value).
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
-SNIPPET_CHARS = 100
-SUMMARY_MESSAGES = 3
 SUMMARY_CHARS = 256
 PURGE_BATCH = 500
 SAVED_FIELDS = [
@@ -75,13 +81,6 @@ class Opened:
 
 def resolve_now(now: datetime | None) -> datetime:
     return timezone.now() if now is None else now
-
-
-def expires_at_for(created_at: datetime, last_activity: datetime) -> datetime:
-    """Sliding TTL from the last activity, never past the absolute cap from creation."""
-    sliding = last_activity + timedelta(seconds=gw.context7_ttl_seconds)
-    absolute = created_at + timedelta(seconds=gw.context7_max_age_seconds)
-    return min(sliding, absolute)
 
 
 def is_expired(session: Session, *, now: datetime | None = None) -> bool:
@@ -127,10 +126,6 @@ def expire_now(pks: list[int], *, now: datetime | None = None) -> int:
 # --------------------------------------------------------------------------- content
 
 
-def snippet(content: str) -> str:
-    return " ".join(content[: SNIPPET_CHARS * 4].split())[:SNIPPET_CHARS]
-
-
 def summary_of(recent: list[Any]) -> str:
     """``role: first 100 chars`` of the last 3 messages, one per line, ≤ 256 chars."""
     lines = [f"{role}: {text}" for role, text in recent[-SUMMARY_MESSAGES:]]
@@ -165,68 +160,21 @@ def _push(
     session.recent = [*session.recent, [role, snippet(content)]][-SUMMARY_MESSAGES:]
 
 
-def _entry_of(session: Session) -> Entry:
-    return Entry(
-        session.pk,
-        session.session_id,
-        session.client,
-        session.created_at,
-        session.last_activity,
-        session.expires_at,
-        session.topic,
-        session.message_count,
-        session.seq,
-        list(session.recent),
-    )
+def push_message(session: Session, message: Push, cap: int) -> None:
+    """:func:`_push` of one :class:`~sessions_ctx7.warm.Push` (a locked row; caller saves it)."""
+    _push(session, message.role, message.content, message.metadata, message.at, cap)
 
 
 def _write_warm(
     entry: Entry, role: str | None, content: str | None, metadata: dict[str, Any], now: datetime
 ) -> bool:
-    """A turn on a cached row, without reading it; False (nothing written) when the row is
-    no longer what the cache holds, or the turn needs a rare path (expired, cap lowered)."""
-    cap = gw.context7_max_messages
-    if entry.expires_at <= now or entry.message_count > cap:
+    """One message (or none: a touch) at ``now`` on a live cached row."""
+    if entry.expires_at <= now:
         return False
-    guard = entry.guard if entry.guard is not None else statements.prep_guard(entry)
-    count = entry.message_count
-    entry.last_activity = now
-    entry.expires_at = expires_at_for(entry.created_at, now)
-    if role is not None and content is not None:
-        entry.seq += 1
-        entry.message_count = min(count + 1, cap)
-        entry.recent = [*entry.recent, [role, snippet(content)]][-SUMMARY_MESSAGES:]
-    entry.guard = statements.save_session_if(entry, entry.pk, guard)
-    if entry.guard is None:
-        cache.drop(entry.session_id)
-        return False
-    if role is not None and content is not None:
-        seq = entry.seq
-        if count < cap:
-            statements.insert_message(entry.pk, seq, role, content, metadata, now)
-        elif not statements.recycle_message(
-            entry.pk, seq - cap, seq, role, content, metadata, now
-        ):  # numbers not contiguous (never expected): the general way, as _push
-            statements.insert_message(entry.pk, seq, role, content, metadata, now)
-            Message.objects.filter(session_id=entry.pk, seq__lte=seq - cap).delete()
-            entry.message_count = Message.objects.filter(session_id=entry.pk).count()
-            statements.save_session(entry, ["message_count"])
-            entry.guard = None
-    cache.stage(entry)
-    return True
-
-
-def _unprotected[T](fn: Callable[..., T], *args: Any) -> T:
-    """Run a warm write without a savepoint (inside a fast writer batch).
-
-    Safe because a warm write starts with its guarded ``UPDATE``: a miss writes nothing and
-    the turn goes on to the savepoint path. Any failure after that may leave half a turn in
-    the batch's transaction, so it becomes :class:`~sessions_ctx7.statements.Unsafe` and
-    the writer rolls the batch back and runs it again with a savepoint per turn."""
-    try:
-        return fn(*args)
-    except Exception as exc:
-        raise statements.Unsafe(f"{type(exc).__name__}: {exc}") from exc
+    pushes = (
+        [Push(role, content, metadata, now)] if role is not None and content is not None else []
+    )
+    return write_warm(entry, pushes, now, expires_at_for(entry.created_at, now))
 
 
 def _append_warm(
@@ -280,7 +228,7 @@ def open_turn(
     """
     now = resolve_now(now)
     if statements.fast_batch():  # a warm write needs no savepoint (see _unprotected)
-        warm = _unprotected(_open_warm, owner, session_id, content, now, metadata or {})
+        warm = unprotected(_open_warm, owner, session_id, content, now, metadata or {})
         if warm is not None:
             return warm
     for attempt in range(2):
@@ -339,7 +287,7 @@ def _open_turn(
         if content is not None:
             _push(session, "user", content, metadata, now, cap)
         statements.save_session(session, SAVED_FIELDS)
-    cache.stage(_entry_of(session))
+    cache.stage(entry_of(session))
     return Opened(
         session.pk,
         session.session_id,
@@ -366,7 +314,7 @@ def append(
     longer ``generation``): a late answer never revives or pollutes a conversation.
     """
     now = resolve_now(now)
-    if statements.fast_batch() and _unprotected(
+    if statements.fast_batch() and unprotected(
         _append_warm, pk, role, content, generation, now, metadata or {}
     ):
         return True
@@ -380,5 +328,5 @@ def append(
         session.last_activity = now
         session.expires_at = expires_at_for(session.created_at, now)
         statements.save_session(session, SAVED_FIELDS)
-        cache.stage(_entry_of(session))
+        cache.stage(entry_of(session))
     return True

@@ -49,7 +49,7 @@ from sessions_ctx7.models import Message, Session
 LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for NOWAIT on a locked row
 
 
-def _table(model: type[Model]) -> str:
+def table(model: type[Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 
 
@@ -59,7 +59,7 @@ def _field(model: type[Model], name: str) -> Field[Any, Any]:
     return field
 
 
-def _column(model: type[Model], name: str) -> str:
+def column(model: type[Model], name: str) -> str:
     column = _field(model, name).column
     assert column is not None
     return connection.ops.quote_name(column)
@@ -203,8 +203,8 @@ def _select_sql(vendor: str, by: str, nowait: bool) -> str:
     lock = ""
     if connection.features.has_select_for_update:
         lock = " FOR UPDATE NOWAIT" if nowait else " FOR UPDATE"
-    table, column = _table(Session), _column(Session, by)
-    return f"SELECT * FROM {table} WHERE {column} = %s LIMIT 1{lock}"  # noqa: S608
+    name, key = table(Session), column(Session, by)
+    return f"SELECT * FROM {name} WHERE {key} = %s LIMIT 1{lock}"  # noqa: S608
 
 
 def lock_session(by: str, value: object) -> Session | None:
@@ -229,9 +229,9 @@ MESSAGE_FIELDS = ("session", "seq", "role", "content", "metadata", "created_at")
 
 @functools.cache
 def _insert_sql(vendor: str) -> str:
-    columns = ", ".join(_column(Message, name) for name in MESSAGE_FIELDS)
+    columns = ", ".join(column(Message, name) for name in MESSAGE_FIELDS)
     marks = ", ".join(["%s"] * len(MESSAGE_FIELDS))
-    return f"INSERT INTO {_table(Message)} ({columns}) VALUES ({marks})"  # noqa: S608
+    return f"INSERT INTO {table(Message)} ({columns}) VALUES ({marks})"  # noqa: S608
 
 
 def insert_message(
@@ -247,10 +247,10 @@ RECYCLED_FIELDS = ("seq", "role", "content", "metadata", "created_at")
 
 @functools.cache
 def _recycle_sql(vendor: str) -> str:
-    sets = ", ".join(f"{_column(Message, name)} = %s" for name in RECYCLED_FIELDS)
+    sets = ", ".join(f"{column(Message, name)} = %s" for name in RECYCLED_FIELDS)
     return (
-        f"UPDATE {_table(Message)} SET {sets} "  # noqa: S608
-        f"WHERE {_column(Message, 'session')} = %s AND {_column(Message, 'seq')} = %s"
+        f"UPDATE {table(Message)} SET {sets} "  # noqa: S608
+        f"WHERE {column(Message, 'session')} = %s AND {column(Message, 'seq')} = %s"
     )
 
 
@@ -271,8 +271,8 @@ def recycle_message(
 
 @functools.cache
 def _update_sql(vendor: str, names: tuple[str, ...]) -> str:
-    sets = ", ".join(f"{_column(Session, name)} = %s" for name in names)
-    return f"UPDATE {_table(Session)} SET {sets} WHERE {_column(Session, 'id')} = %s"  # noqa: S608
+    sets = ", ".join(f"{column(Session, name)} = %s" for name in names)
+    return f"UPDATE {table(Session)} SET {sets} WHERE {column(Session, 'id')} = %s"  # noqa: S608
 
 
 def save_session(session: object, names: Sequence[str]) -> None:
@@ -301,13 +301,13 @@ GUARD_FIELDS = (
 
 @functools.cache
 def _update_if_sql(vendor: str, names: tuple[str, ...], lock: str) -> str:
-    table, pk = _table(Session), _column(Session, "id")
-    sets = ", ".join(f"{_column(Session, name)} = %s" for name in names)
-    guards = " AND ".join(f"{_column(Session, name)} = %s" for name in GUARD_FIELDS)
+    rows, pk = table(Session), column(Session, "id")
+    sets = ", ".join(f"{column(Session, name)} = %s" for name in names)
+    guards = " AND ".join(f"{column(Session, name)} = %s" for name in GUARD_FIELDS)
     where = f"{pk} = %s"
     if lock:  # PostgreSQL in a batch: a row another transaction holds is not waited for
-        where = f"{pk} IN (SELECT {pk} FROM {table} WHERE {pk} = %s FOR UPDATE {lock})"  # noqa: S608
-    return f"UPDATE {table} SET {sets} WHERE {where} AND {guards}"  # noqa: S608
+        where = f"{pk} IN (SELECT {pk} FROM {rows} WHERE {pk} = %s FOR UPDATE {lock})"  # noqa: S608
+    return f"UPDATE {rows} SET {sets} WHERE {where} AND {guards}"  # noqa: S608
 
 
 def prep_guard(session: object) -> list[Any]:
@@ -363,6 +363,7 @@ __all__ = [
     "Db",
     "RowBusy",
     "Unsafe",
+    "column",
     "db",
     "fast_batch",
     "in_batch",
@@ -372,4 +373,5 @@ __all__ = [
     "recycle_message",
     "save_session",
     "save_session_if",
+    "table",
 ]

@@ -92,12 +92,16 @@ class Writer:
 
         ``key``: the session the job writes (jobs of one key are applied in order even
         when one of them has to wait for a row lock)."""
+        result: T = await self.submit(fn, key)
+        return result
+
+    def submit[T](self, fn: Callable[[], T], key: str | None = None) -> asyncio.Future[T]:
+        """:meth:`run` without waiting: the job runs whether or not its future is awaited."""
         loop = asyncio.get_running_loop()
         job = Job(fn, loop, loop.create_future(), key)
         self._ensure_threads()
         self._jobs.put(job)
-        result: T = await job.future
-        return result
+        return job.future
 
     def _ensure_threads(self) -> None:
         with self._lock:

@@ -186,16 +186,20 @@ async def serve_context7(call: Call, svc: services.Services, receive: Receive, s
     turn = await enrich.begin(call.principal.id, raw, call.request.session)
     call.response_headers.append((b"x-vx11-session", turn.session_id.encode()))
     call.session_key = turn.session_id  # lb=session keeps a conversation on one target
-    if has_fallbacks(call):  # the enriched body goes to every option (SPEC §19)
-        answer = await fallback.fetch(call, turn.body, svc, gw.max_body_bytes)
-        status, headers, body = answer.status, answer.headers, answer.body
-        content_type = answer.header("Content-Type")
-    else:
-        async with slot(call, svc):
-            response, permit = await forward(call, turn.body, svc)
-            body = await read_answer(call, svc, response, permit, gw.max_body_bytes)
-        status, headers = response.status, response.headers
-        content_type = response.header("Content-Type")
+    try:
+        if has_fallbacks(call):  # the enriched body goes to every option (SPEC §19)
+            answer = await fallback.fetch(call, turn.body, svc, gw.max_body_bytes)
+            status, headers, body = answer.status, answer.headers, answer.body
+            content_type = answer.header("Content-Type")
+        else:
+            async with slot(call, svc):
+                response, permit = await forward(call, turn.body, svc)
+                body = await read_answer(call, svc, response, permit, gw.max_body_bytes)
+            status, headers = response.status, response.headers
+            content_type = response.header("Content-Type")
+    except BaseException:  # no answer (an error, a timeout, the client left)
+        await enrich.settle(turn)  # the user's message is stored all the same
+        raise
     body = await enrich.finish(turn, status, content_type, body)
     await send_buffered(call, send, status, headers, body)
 
