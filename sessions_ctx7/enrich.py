@@ -29,7 +29,7 @@ from django.db import DatabaseError
 
 from gateway.core import correlation
 from gateway.core.problems import InvalidRequest
-from sessions_ctx7 import peek, services, turns
+from sessions_ctx7 import onloop, services, turns
 from sessions_ctx7.warm import Push
 from sessions_ctx7.writer import writer
 
@@ -114,8 +114,8 @@ async def begin(
         raise InvalidRequest("The message must not contain NUL characters (\\u0000).")
     meta = {"correlation_id": correlation.current.get()}
     warm = None
-    if peek.available():  # the row can be checked from here: no writer job before the call
-        warm = turns.begin_warm(owner, session_id, content, services.resolve_now(now), meta)
+    if onloop.available():  # the row can be checked from here: no writer job before the call
+        warm = onloop.begin_warm(owner, session_id, content, services.resolve_now(now), meta)
     if warm is not None:
         opened, pending = warm
     else:
@@ -175,7 +175,7 @@ async def finish(
     if turn.pending is not None:
         at = services.resolve_now(now)
         push = None if reply is None else Push("assistant", reply, meta, at)
-        await _store(turn, functools.partial(turns.record, turn.pending, push, now=at))
+        await _store(turn, onloop.loop_writer().record(turn.pending, push, at))
     elif reply is not None:
         append = functools.partial(
             services.append,
@@ -186,7 +186,7 @@ async def finish(
             now=now,
             metadata=meta,
         )
-        await _store(turn, append)
+        await _store(turn, writer.submit(append, key=turn.session_id))
     if data is None or "session_id" in data:
         return body
     data["session_id"] = turn.session_id
@@ -204,9 +204,9 @@ def _answer_object(status: int, content_type: str | None, body: bytes) -> dict[s
     return data if isinstance(data, dict) else None
 
 
-async def _store(turn: Turn, job: functools.partial[bool]) -> None:
+async def _store(turn: Turn, stored: asyncio.Future[bool]) -> None:
     try:
-        await writer.run(job, key=turn.session_id)
+        await stored
     except DatabaseError:
         log.warning(
             "context7: the turn was not stored",
@@ -220,8 +220,7 @@ async def settle(turn: Turn) -> None:
     without the writer records the user's message alone, as a first job would have."""
     if turn.pending is None:
         return
-    job = functools.partial(turns.record, turn.pending, None)
-    future = writer.submit(job, key=turn.session_id)
+    future = onloop.loop_writer().record(turn.pending, None, services.resolve_now(None))
     try:
         await asyncio.shield(future)
     except asyncio.CancelledError:  # cancelled again: the writer stores it all the same

@@ -176,7 +176,11 @@ _local = threading.local()
 
 
 def db() -> Db:
-    """This thread's :class:`Db` (inside a writer batch, the batch's connection)."""
+    """This thread's :class:`Db` (inside a batch, the batch's connection: the writer's, or
+    the event loop's own, :mod:`sessions_ctx7.onloop`)."""
+    chosen: Db | None = getattr(in_batch, "db", None)
+    if chosen is not None:
+        return chosen
     wrapper = getattr(in_batch, "wrapper", None) or connections[DEFAULT_DB_ALIAS]
     if wrapper.connection is None:
         wrapper.ensure_connection()

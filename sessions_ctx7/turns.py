@@ -1,14 +1,15 @@
-"""A chat turn on a warm session: read on the loop, one writer job after the answer.
+"""A chat turn begun without the writer: its user message and reply written in one go.
 
 A turn whose session this process wrote last (:mod:`sessions_ctx7.cache`), and whose row the
-database still holds unchanged (:mod:`sessions_ctx7.peek`, SQLite), starts without the
-writer: :func:`begin_warm` builds what :func:`~sessions_ctx7.services.open_turn` would
-return (owner checked, topic, summary with the user's message) from the cached row. The
-user's message and the reply are then written together by one writer job,
-:func:`record`, after the answer and before it goes to the client — one guarded
-``UPDATE`` and two ``INSERT`` s instead of two jobs of two statements, and no thread hop
-before the module is called. A turn the module did not answer records the user's message
-alone (:func:`record` with no reply), as a first job would have.
+database still holds unchanged, starts without any database work
+(:func:`sessions_ctx7.onloop.begin_warm` builds what :func:`~sessions_ctx7.services.open_turn`
+would return — owner checked, topic, summary with the user's message — from the cached row).
+Its user message and reply are then written together after the answer and before it goes to
+the client: :func:`record_warm` on the event loop's own connection
+(:class:`sessions_ctx7.onloop.LoopWriter`), else :func:`record` in the writer thread. One
+guarded ``UPDATE`` and two ``INSERT`` s, instead of two jobs of two statements each. A turn
+the module did not answer records the user's message alone (no reply), as the first job of
+a turn would have.
 
 What the turn was computed from is checked again when it is written: the row as the cache
 holds it (the guard), else the row itself, locked. A session ended, restarted or taken
@@ -25,11 +26,9 @@ from typing import Any
 from django.db import transaction
 
 from gateway.core.conf import gw
-from sessions_ctx7 import peek, services, statements
+from sessions_ctx7 import services, statements
 from sessions_ctx7.cache import cache
-from sessions_ctx7.services import Opened
-from sessions_ctx7.topics import classify_topic
-from sessions_ctx7.warm import Push, entry_of, expires_at_for, snippet, unprotected, write_warm
+from sessions_ctx7.warm import Push, entry_of, expires_at_for, unprotected, write_warm
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,51 +40,22 @@ class Pending:
     owner: str
     generation: datetime  # the row's created_at when the turn began
     content: str | None  # the user's message (None: the body had none)
+    found: str  # the message's topic ("general": none of its own, the session's stays)
     metadata: dict[str, Any]
     began: datetime
     guard: tuple[Any, ...]  # the row's columns as the turn saw them
 
 
-def begin_warm(
-    owner: str, session_id: str, content: str | None, now: datetime, metadata: dict[str, Any]
-) -> tuple[Opened, Pending] | None:
-    """The turn as ``open_turn`` would open it, from the cache and a look at the row; None
-    when that cannot be decided here (unknown session, someone else's, expired, changed)."""
-    entry = cache.get(session_id)
-    if (
-        entry is None
-        or entry.guard is None
-        or entry.client != owner
-        or entry.expires_at <= now
-        or entry.message_count > gw.context7_max_messages
-        or not peek.unchanged(session_id, entry.guard)
-    ):
-        return None
-    topic = entry.topic
-    recent = list(entry.recent)
-    if content is not None:
-        found = classify_topic(content)
-        topic = topic if found == "general" else found
-        recent.append(["user", snippet(content)])
-    opened = Opened(
-        entry.pk, session_id, entry.created_at, topic, services.summary_of(recent), False, False
-    )
-    pending = Pending(
-        entry.pk, session_id, owner, entry.created_at, content, metadata, now, tuple(entry.guard)
-    )
-    return opened, pending
-
-
 def record(turn: Pending, reply: Push | None, *, now: datetime | None = None) -> bool:
-    """Write a turn begun by :func:`begin_warm`: the user's message, then ``reply`` if the
+    """Write a turn begun by :func:`~sessions_ctx7.onloop.begin_warm`: the user's message, then ``reply`` if the
     session is still alive for it. False: the session ended or changed hands meanwhile,
     nothing was written. Runs in the writer (``writer.run(…, key=session_id)``)."""
     now = services.resolve_now(now)
     # In a fast batch a warm write needs no savepoint (see warm.unprotected).
-    if statements.fast_batch() and unprotected(_record_warm, turn, reply, now):
+    if statements.fast_batch() and unprotected(record_warm, turn, reply, now):
         return True
     with transaction.atomic():
-        if _record_warm(turn, reply, now):
+        if record_warm(turn, reply, now):
             return True
         return _record_read(turn, reply, now)
 
@@ -103,7 +73,10 @@ def _pushes(
     return pushes, None
 
 
-def _record_warm(turn: Pending, reply: Push | None, now: datetime) -> bool:
+def record_warm(turn: Pending, reply: Push | None, now: datetime) -> bool:
+    """:func:`record` on the cached row, without reading it; False (nothing written) when
+    the row is not the cached one. Raises on a database error, with the turn half written:
+    the caller's transaction must then be rolled back (``warm.unprotected``)."""
     entry = cache.get(turn.session_id) if cache.active else None
     if (
         entry is None
@@ -116,9 +89,8 @@ def _record_warm(turn: Pending, reply: Push | None, now: datetime) -> bool:
     # The turn began on a live session: as open_turn would have, it refreshed the expiry then.
     alive_until = max(entry.expires_at, expires_at_for(entry.created_at, turn.began))
     pushes, replied_until = _pushes(turn, reply, alive_until, now)
-    if turn.content is not None:
-        found = classify_topic(turn.content)
-        entry.topic = entry.topic if found == "general" else found
+    if turn.found != "general":
+        entry.topic = turn.found
     if replied_until is not None:
         return write_warm(entry, pushes, now, replied_until)
     return write_warm(entry, pushes, max(entry.last_activity, turn.began), alive_until)
@@ -136,10 +108,9 @@ def _record_read(turn: Pending, reply: Push | None, now: datetime) -> bool:
     alive_until = max(session.expires_at, expires_at_for(session.created_at, turn.began))
     pushes, replied_until = _pushes(turn, reply, alive_until, now)
     cap = gw.context7_max_messages
+    if turn.found != "general":
+        session.topic = turn.found
     for message in pushes:
-        if message.role == "user":
-            found = classify_topic(message.content)
-            session.topic = session.topic if found == "general" else found
         services.push_message(session, message, cap)
     if replied_until is not None:
         session.last_activity, session.expires_at = now, replied_until
@@ -151,4 +122,4 @@ def _record_read(turn: Pending, reply: Push | None, now: datetime) -> bool:
     return True
 
 
-__all__ = ["Pending", "begin_warm", "record"]
+__all__ = ["Pending", "record", "record_warm"]

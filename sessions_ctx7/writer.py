@@ -86,6 +86,8 @@ class Writer:
         self._threads: dict[str, threading.Thread] = {}
         #: Sessions with parked turns, and how many: their later turns queue behind them.
         self._parked: dict[str, int] = {}
+        #: Sessions with jobs submitted and not yet done, and how many (see has_jobs).
+        self._queued: dict[str, int] = {}
 
     async def run[T](self, fn: Callable[[], T], key: str | None = None) -> T:
         """Run ``fn`` (database work, synchronous) in the next batch; its result once committed.
@@ -100,8 +102,27 @@ class Writer:
         loop = asyncio.get_running_loop()
         job = Job(fn, loop, loop.create_future(), key)
         self._ensure_threads()
+        if key is not None:
+            with self._lock:
+                self._queued[key] = self._queued.get(key, 0) + 1
         self._jobs.put(job)
         return job.future
+
+    def has_jobs(self, key: str) -> bool:
+        """True while a job of session ``key`` is queued or running here: a turn written
+        elsewhere (the event loop's writer) must then queue behind it, to keep the order."""
+        return key in self._queued
+
+    def _done(self, job: Job) -> None:
+        """The job's outcome is decided (committed, or failed): hand it over."""
+        if job.key is not None:
+            with self._lock:
+                left = self._queued.get(job.key, 1) - 1
+                if left > 0:
+                    self._queued[job.key] = left
+                else:
+                    self._queued.pop(job.key, None)
+        _hand_over(job)
 
     def _ensure_threads(self) -> None:
         with self._lock:
@@ -128,7 +149,7 @@ class Writer:
             put_off = set(map(id, busy))
             for job in batch:
                 if id(job) not in put_off:
-                    _hand_over(job)
+                    self._done(job)
             with self._lock:
                 for job in busy:
                     assert job.key is not None
@@ -152,7 +173,7 @@ class Writer:
         while True:
             job = self._waiting.get()
             self._commit([job], nowait=False, parked=None, fast=False)
-            _hand_over(job)
+            self._done(job)
             assert job.key is not None
             with self._lock:
                 left = self._parked[job.key] - 1

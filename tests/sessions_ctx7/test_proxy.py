@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from aiohttp import web
 
 from sessions_ctx7.models import Message, Session
 
@@ -134,3 +137,32 @@ def test_disabled_context7_forwards_the_body_untouched(http, upstream, gw_env, a
     assert upstream.seen[-1].body == raw
     assert "session_id" not in r.json()  # the echo answer, not enriched
     assert not Session.objects.exists()
+
+
+async def _hang_up(request: web.Request) -> web.StreamResponse:
+    """A module that dies mid-call: the connection closes with no answer."""
+    assert request.transport is not None
+    request.transport.close()
+    await asyncio.sleep(1)
+    return web.Response()
+
+
+def test_a_turn_the_module_never_answers_keeps_the_users_message(http, upstream, alice):
+    """On a warm session the user's message is written with the reply; with no reply at
+    all (the module and its fallback hang up) it is written alone, before the 502."""
+    _, headers = alice
+    upstream.respond("POST", UPSTREAM, body={"response": "fine"})
+    turn = {**headers, "X-VX11-Session": "hung"}
+    for text in ("one", "two"):
+        assert http.post(CHAT, json={"message": text}, headers=turn).status_code == 200
+    upstream.route("POST", UPSTREAM, _hang_up)
+    upstream.route("POST", "/madre/chat", _hang_up)
+    r = http.post(CHAT, json={"message": "three"}, headers=turn)
+    assert r.status_code in (502, 503), r.text
+    assert stored("hung") == [
+        ("user", "one"),
+        ("assistant", "fine"),
+        ("user", "two"),
+        ("assistant", "fine"),
+        ("user", "three"),
+    ]

@@ -1,0 +1,317 @@
+"""Warm Context-7 turns on the event loop's own SQLite connection: no thread hop at all.
+
+A chat turn on a session this process wrote last needs two things from the database: before
+it goes upstream, the fact that nobody else changed the row since (another gateway process,
+the admin's expire, the purge, a shell); after the answer, its two messages written. On
+SQLite both are cheap — an indexed ``SELECT``, and one guarded ``UPDATE`` plus two
+``INSERT`` s in WAL mode with ``synchronous=NORMAL`` (no fsync at commit) — far cheaper than
+handing them to a thread: with the writer thread doing them, the event loop's own work per
+request grew by ~60 % (GIL hand-offs; ``docs/PERFORMANCE.md``). So they run right on the loop,
+on a connection of the loop's own:
+
+- :func:`unchanged` compares the row with the columns the cache remembers;
+- :class:`LoopWriter` collects the turns answered during one pass of the loop and writes
+  them in **one** transaction at the end of it (group commit, like the writer thread's), then
+  answers them: a reply reaches its client only after the commit that holds its turn.
+
+The loop never waits for a lock: the connection has ``timeout=0``. A database that is busy
+(another process or the writer thread in a transaction), a row that changed, anything that
+needs a read or the ORM, any error: the turns of that pass go to the writer thread
+(:mod:`sessions_ctx7.writer`), which decides as before; so do later turns of a session that
+has turns waiting there, so one session's turns keep their order. With ``DEBUG`` on (queries
+logged) or another database than SQLite, everything goes to the writer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, connections
+
+from gateway.core.conf import gw
+from sessions_ctx7 import services, statements, turns
+from sessions_ctx7.cache import cache
+from sessions_ctx7.models import Session
+from sessions_ctx7.services import Opened
+from sessions_ctx7.topics import classify_topic
+from sessions_ctx7.warm import Push, snippet
+from sessions_ctx7.writer import writer
+
+log = logging.getLogger("sessions_ctx7")
+_local = threading.local()
+
+
+def _database() -> dict[str, Any]:
+    # settings.DATABASES, not ``connections[…]``: on the event loop the latter builds a new
+    # DatabaseWrapper per task, several times dearer than the look at the row itself.
+    return cast("dict[str, Any]", settings.DATABASES[DEFAULT_DB_ALIAS])
+
+
+def available() -> bool:
+    """True where turns can be checked and written on the loop (SQLite, queries not logged)."""
+    return str(_database()["ENGINE"]).endswith(".sqlite3") and not settings.DEBUG
+
+
+@functools.cache
+def _sql() -> str:
+    # Made once: ``connection.ops`` on the loop is a DatabaseWrapper built anew per task.
+    columns = ", ".join(statements.column(Session, name) for name in statements.GUARD_FIELDS)
+    session_id = statements.column(Session, "session_id")
+    return f"SELECT {columns} FROM {statements.table(Session)} WHERE {session_id} = ?"  # noqa: S608
+
+
+@dataclass(slots=True)
+class _Loop:
+    """This thread's connection, and the :class:`~sessions_ctx7.statements.Db` over it."""
+
+    database: str
+    raw: sqlite3.Connection
+    db: statements.Db
+
+
+def _loop() -> _Loop:
+    database = str(_database()["NAME"])
+    cached: _Loop | None = getattr(_local, "loop", None)
+    if cached is not None and cached.database == database:
+        return cached
+    close()
+    # timeout=0: never wait for a lock on the loop (busy → the writer thread does it);
+    # isolation_level=None: transactions are this module's own BEGIN/COMMIT.
+    raw = sqlite3.connect(database, uri=True, timeout=0, isolation_level=None)
+    raw.execute("PRAGMA synchronous = NORMAL")  # as the Django connection's init_command
+    raw.execute("PRAGMA foreign_keys = ON")  # as Django's SQLite backend
+    raw.execute("PRAGMA wal_autocheckpoint = 0")  # its fsyncs run in a thread (Checkpointer)
+    wrapper = connections.create_connection(DEFAULT_DB_ALIAS)  # vendor, errors; never opened
+    zone = wrapper.timezone or UTC
+    db = statements.Db(wrapper, raw, statements.sqlite_datetime(zone), statements.text_json(), "?")
+    _local.loop = made = _Loop(database, raw, db)
+    return made
+
+
+def unchanged(session_id: str, guard: Sequence[Any]) -> bool:
+    """The row of ``session_id`` holds, column for column, ``guard`` (False: changed, gone,
+    or unknown)."""
+    try:
+        row = _loop().raw.execute(_sql(), (session_id,)).fetchone()
+    except sqlite3.Error:
+        close()
+        return False
+    return row is not None and list(row) == list(guard)
+
+
+def begin_warm(
+    owner: str, session_id: str, content: str | None, now: datetime, metadata: dict[str, Any]
+) -> tuple[Opened, turns.Pending] | None:
+    """The turn as ``open_turn`` would open it, from the cache and a look at the row; None
+    when that cannot be decided here (unknown session, someone else's, expired, changed)."""
+    entry = cache.get(session_id)
+    if (
+        entry is None
+        or entry.guard is None
+        or entry.client != owner
+        or entry.expires_at <= now
+        or entry.message_count > gw.context7_max_messages
+        or not unchanged(session_id, entry.guard)
+    ):
+        return None
+    recent = list(entry.recent)
+    found = "general"
+    if content is not None:
+        found = classify_topic(content)
+        recent.append(["user", snippet(content)])
+    topic = entry.topic if found == "general" else found
+    opened = Opened(
+        entry.pk, session_id, entry.created_at, topic, services.summary_of(recent), False, False
+    )
+    pending = turns.Pending(
+        entry.pk,
+        session_id,
+        owner,
+        entry.created_at,
+        content,
+        found,
+        metadata,
+        now,
+        tuple(entry.guard),
+    )
+    return opened, pending
+
+
+def close() -> None:
+    """Forget this thread's connection (it is opened again when next needed)."""
+    cached: _Loop | None = getattr(_local, "loop", None)
+    _local.loop = None
+    if cached is not None:
+        cached.raw.close()
+
+
+class Checkpointer:
+    """Copies the WAL back into the database file from a thread of its own.
+
+    A SQLite connection checkpoints when one of its commits takes the WAL past 1 000 pages,
+    and a checkpoint fsyncs (``synchronous=NORMAL``): on the event loop that would stall
+    every request for the length of two fsyncs. The loop's connection has automatic
+    checkpoints off; every :data:`EVERY` commits it asks this thread for a ``PASSIVE`` one,
+    which never waits for readers or writers (what it cannot copy yet, a later one does)."""
+
+    EVERY = 64
+
+    def __init__(self) -> None:
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._database = ""
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+        self.done = 0  # checkpoints run (tests and metrics read it)
+
+    def committed(self, database: str) -> None:
+        self.commits += 1
+        if self.commits % self.EVERY:
+            return
+        with self._lock:
+            self._database = database
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._serve, name="context7-checkpoint", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def _serve(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                database = self._database
+            try:
+                with contextlib.closing(sqlite3.connect(database, uri=True, timeout=1)) as conn:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.done += 1
+            except sqlite3.Error:
+                log.warning("context7: a WAL checkpoint failed", exc_info=True)
+
+
+checkpointer = Checkpointer()
+
+
+@dataclass(slots=True)
+class _Job:
+    turn: turns.Pending
+    reply: Push | None
+    now: datetime
+    future: asyncio.Future[bool]
+
+
+class LoopWriter:
+    """The turns of one event loop answered during one pass, written at the end of it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._jobs: list[_Job] = []
+
+    def record(
+        self, turn: turns.Pending, reply: Push | None, now: datetime
+    ) -> asyncio.Future[bool]:
+        """:func:`~sessions_ctx7.turns.record` for ``turn``, here or in the writer thread."""
+        if writer.has_jobs(turn.session_id):  # keep the session's order: behind those
+            return writer.submit(
+                functools.partial(turns.record, turn, reply, now=now), key=turn.session_id
+            )
+        future = self.loop.create_future()
+        if not self._jobs:
+            self.loop.call_soon(self._flush)
+        self._jobs.append(_Job(turn, reply, now, future))
+        return future
+
+    def _flush(self) -> None:
+        jobs, self._jobs = self._jobs, []
+        try:
+            done, rest = self._write(jobs)
+        except Exception:  # the database refused the pass: all of it to the writer thread
+            log.debug("context7: a pass of warm turns goes to the writer thread", exc_info=True)
+            done, rest = [], jobs
+        for job in done:
+            if not job.future.done():
+                job.future.set_result(True)
+        for job in rest:  # in order: jobs of one session keep it in the writer's queue
+            self._hand_over(job)
+
+    @staticmethod
+    def _write(jobs: list[_Job]) -> tuple[list[_Job], list[_Job]]:
+        here = _loop()
+        here.raw.execute("BEGIN IMMEDIATE")  # busy (someone else writes): raises at once
+        done: list[_Job] = []
+        rest: list[_Job] = []
+        handed: set[str] = set()
+        statements.in_batch.fast = True
+        statements.in_batch.db = here.db
+        cache.begin()
+        committed = False
+        try:
+            for job in jobs:
+                key = job.turn.session_id
+                if key not in handed and turns.record_warm(job.turn, job.reply, job.now):
+                    done.append(job)
+                else:  # a miss writes nothing; this and its session's later turns: the writer
+                    rest.append(job)
+                    handed.add(key)
+            here.raw.execute("COMMIT")
+            committed = True
+            checkpointer.committed(here.database)
+        finally:
+            statements.in_batch.fast = False
+            statements.in_batch.db = None
+            if not committed and here.raw.in_transaction:
+                here.raw.execute("ROLLBACK")
+            cache.end(committed=committed)
+        return done, rest
+
+    @staticmethod
+    def _hand_over(job: _Job) -> None:
+        later = writer.submit(
+            functools.partial(turns.record, job.turn, job.reply, now=job.now),
+            key=job.turn.session_id,
+        )
+
+        def deliver(outcome: asyncio.Future[bool]) -> None:
+            if job.future.done():
+                return
+            if outcome.cancelled():
+                job.future.cancel()
+            elif outcome.exception() is not None:
+                job.future.set_exception(outcome.exception())  # type: ignore[arg-type]
+            else:
+                job.future.set_result(outcome.result())
+
+        later.add_done_callback(deliver)
+
+
+def loop_writer() -> LoopWriter:
+    """The running loop's :class:`LoopWriter` (one loop per thread)."""
+    loop = asyncio.get_running_loop()
+    made: LoopWriter | None = getattr(_local, "writer", None)
+    if made is None or made.loop is not loop:
+        _local.writer = made = LoopWriter(loop)
+    return made
+
+
+__all__ = [
+    "Checkpointer",
+    "LoopWriter",
+    "available",
+    "begin_warm",
+    "checkpointer",
+    "close",
+    "loop_writer",
+    "unchanged",
+]
