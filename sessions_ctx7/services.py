@@ -36,15 +36,15 @@ from sessions_ctx7 import statements
 from sessions_ctx7.cache import Entry, cache
 from sessions_ctx7.models import Message, Session
 from sessions_ctx7.topics import classify_topic as classify_topic  # re-exported
-from sessions_ctx7.warm import (  # expires_at_for and snippet are re-exported
+from sessions_ctx7.warm import (
     SUMMARY_MESSAGES,
     Push,
     entry_of,
-    expires_at_for,
     snippet,
     unprotected,
     write_warm,
 )
+from sessions_ctx7.warm import expires_at_for as expires_at_for  # re-exported
 
 # ``\Z``, not ``$``: ``$`` also matches before a trailing newline, and "abc\n" would then
 # be stored and sent back in the ``X-VX11-Session`` header (an illegal header value).
