@@ -40,6 +40,7 @@ class Result:
     cpu_us_per_req: float | None
     errors: int
     non_2xx: int
+    max_ms: float = 0.0  # the slowest request of the run
     #: Connections to the upstream opened by the measured proxy during the run (warm-up
     #: included): keep-alive reuse shows as about the number of wrk connections.
     upstream_connections: int | None = None
@@ -117,7 +118,9 @@ def wrk(
     non2xx_match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     non2xx = int(non2xx_match.group(1)) if non2xx_match else 0
     cpu = (cpu1 - cpu0) / total * 1e6 if pid and total else None
-    return Result(name, rps, p50, p99, cpu, errors, non2xx)
+    slowest = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", out, re.M)
+    max_ms = _ms(slowest.group(1)) if slowest else 0.0
+    return Result(name, rps, p50, p99, cpu, errors, non2xx, max_ms)
 
 
 def start(cmd: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -231,14 +234,14 @@ def main() -> int:
         f"state: {'redis' if args.redis else 'in-process'}{sessions}"
     )
     print(
-        f"{'':20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs/req':>11} {'errors':>7}"
-        f" {'upstream conns':>15}"
+        f"{'':20} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU µs/req':>11}"
+        f" {'errors':>7} {'upstream conns':>15}"
     )
     for r in results:
         cpu = f"{r.cpu_us_per_req:.0f}" if r.cpu_us_per_req is not None else "-"
         conns = "-" if r.upstream_connections is None else str(r.upstream_connections)
         print(
-            f"{r.name:20} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {cpu:>11} "
+            f"{r.name:20} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.max_ms:8.1f} {cpu:>11} "
             f"{r.errors + r.non_2xx:7d} {conns:>15}"
         )
     ratio = gw_result.rps / ref_result.rps

@@ -31,7 +31,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -49,6 +49,8 @@ from sessions_ctx7.writer import writer
 
 log = logging.getLogger("sessions_ctx7")
 _local = threading.local()
+#: Rows remembered as checked, per loop connection (then forgotten all at once).
+MAX_KNOWN = 10_000
 
 
 def _database() -> dict[str, Any]:
@@ -77,6 +79,18 @@ class _Loop:
     database: str
     raw: sqlite3.Connection
     db: statements.Db
+    #: Rows known to be as cached: session id → (the cached guard, ``PRAGMA data_version``
+    #: then). While no other connection commits, data_version stays and no look is needed.
+    known: dict[str, tuple[Sequence[Any], int]] = field(default_factory=dict)
+
+    def version(self) -> int:
+        """``PRAGMA data_version``: changes only when another connection commits."""
+        return int(self.raw.execute("PRAGMA data_version").fetchone()[0])
+
+    def remember(self, session_id: str, guard: Sequence[Any], version: int) -> None:
+        if len(self.known) >= MAX_KNOWN:
+            self.known.clear()
+        self.known[session_id] = (guard, version)
 
 
 def _loop() -> _Loop:
@@ -102,11 +116,19 @@ def unchanged(session_id: str, guard: Sequence[Any]) -> bool:
     """The row of ``session_id`` holds, column for column, ``guard`` (False: changed, gone,
     or unknown)."""
     try:
-        row = _loop().raw.execute(_sql(), (session_id,)).fetchone()
+        here = _loop()
+        version = here.version()
+        known = here.known.get(session_id)
+        if known is not None and known[0] is guard and known[1] == version:
+            return True  # nobody else committed since this very row was known
+        row = here.raw.execute(_sql(), (session_id,)).fetchone()
     except sqlite3.Error:
         close()
         return False
-    return row is not None and list(row) == list(guard)
+    if row is None or list(row) != list(guard):
+        return False
+    here.remember(session_id, guard, version)
+    return True
 
 
 def begin_warm(
@@ -250,6 +272,9 @@ class LoopWriter:
     def _write(jobs: list[_Job]) -> tuple[list[_Job], list[_Job]]:
         here = _loop()
         here.raw.execute("BEGIN IMMEDIATE")  # busy (someone else writes): raises at once
+        # Read under the write lock: nobody else can commit until ours, which leaves our own
+        # data_version as it is; so after the commit, this is the version of what we wrote.
+        version = here.version()
         done: list[_Job] = []
         rest: list[_Job] = []
         handed: set[str] = set()
@@ -274,6 +299,10 @@ class LoopWriter:
             if not committed and here.raw.in_transaction:
                 here.raw.execute("ROLLBACK")
             cache.end(committed=committed)
+        for job in done:
+            entry = cache.get(job.turn.session_id)
+            if entry is not None and entry.guard is not None:
+                here.remember(job.turn.session_id, entry.guard, version)
         return done, rest
 
     @staticmethod
