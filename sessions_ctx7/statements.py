@@ -150,9 +150,12 @@ def sqlite_datetime(zone: tzinfo) -> Callable[[datetime], str]:
     def adapt(value: datetime) -> str:
         if value is last[0]:
             return str(last[1])
-        text = str(
-            value.astimezone(zone).replace(tzinfo=None) if value.utcoffset() is not None else value
-        )
+        if value.tzinfo is UTC and zone is UTC:  # timezone.now(): one call, "+00:00" cut off
+            text = value.isoformat(" ")[:-6]
+        elif value.utcoffset() is not None:
+            text = str(value.astimezone(zone).replace(tzinfo=None))
+        else:
+            text = str(value)
         last[0], last[1] = value, text
         return text
 

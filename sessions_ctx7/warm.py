@@ -9,6 +9,7 @@ path that reads the row (:mod:`sessions_ctx7.services`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,9 +26,14 @@ SUMMARY_MESSAGES = 3
 
 def expires_at_for(created_at: datetime, last_activity: datetime) -> datetime:
     """Sliding TTL from the last activity, never past the absolute cap from creation."""
-    sliding = last_activity + timedelta(seconds=gw.context7_ttl_seconds)
-    absolute = created_at + timedelta(seconds=gw.context7_max_age_seconds)
+    sliding = last_activity + _seconds(gw.context7_ttl_seconds)
+    absolute = created_at + _seconds(gw.context7_max_age_seconds)
     return min(sliding, absolute)
+
+
+@functools.lru_cache(maxsize=16)
+def _seconds(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)
 
 
 def snippet(content: str) -> str:
