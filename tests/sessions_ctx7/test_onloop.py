@@ -364,3 +364,51 @@ def test_a_warm_turn_queues_behind_its_sessions_writer_jobs(process: Any) -> Non
         "two",
         "re: two",
     ]
+
+
+def scenario_a_failing_pass() -> dict[str, Any]:
+    from asgiref.sync import sync_to_async
+
+    from sessions_ctx7.models import Message
+
+    async def main() -> dict[str, Any]:
+        first = await _turn("bad", "one")
+        await _turn("fine", "one")
+
+        def plant() -> None:  # where bad's next message goes; its session row left as it is
+            Message.objects.create(
+                session_id=first.session_pk,
+                seq=3,
+                role="user",
+                content="planted",
+                created_at=first.generation,
+            )
+
+        await sync_to_async(plant, thread_sensitive=False)()
+        await asyncio.gather(_turn("fine", "two"), _turn("bad", "two"), _turn("fine", "three"))
+        return {"fine": await _stored("fine"), "bad": await _stored("bad")}
+
+    return asyncio.run(main())
+
+
+def test_a_pass_that_fails_is_rolled_back_and_written_once_by_the_writer(process: Any) -> None:
+    """One turn's INSERT fails inside a pass on the loop: the pass is rolled back, the writer
+    thread writes the others exactly once, the failing one not at all (its answer still goes
+    to its client; the failure is logged)."""
+    result = process.run(
+        "from tests.sessions_ctx7.test_onloop import scenario_a_failing_pass\n"
+        "print(json.dumps(scenario_a_failing_pass()))"
+    )
+    assert result["fine"] == [
+        [1, "user", "one"],
+        [2, "assistant", "re: one"],
+        [3, "user", "two"],
+        [4, "assistant", "re: two"],
+        [5, "user", "three"],
+        [6, "assistant", "re: three"],
+    ]
+    assert result["bad"] == [
+        [1, "user", "one"],
+        [2, "assistant", "re: one"],
+        [3, "user", "planted"],
+    ]
