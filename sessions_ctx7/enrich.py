@@ -98,12 +98,20 @@ def _first_text(data: dict[str, Any], fields: tuple[str, ...]) -> str | None:
 
 
 async def begin(
-    owner: str, body: bytes, header_session: str | None, *, now: datetime | None = None
+    owner: str,
+    body: bytes,
+    header_session: str | None,
+    *,
+    now: datetime | None = None,
+    budget: float = 300.0,
 ) -> Turn:
     """Record the user's turn and build the body to send upstream.
 
     Raises InvalidRequest (400) for a body that is not a JSON object or a bad
     session id, Forbidden (403) for a live session owned by someone else.
+    ``budget``: the seconds until the turn's answer is due (the route's deadline); a warm
+    session is begun without the writer only while it outlives them
+    (:func:`sessions_ctx7.onloop.begin_warm`).
     """
     data = parse_object(body)
     session_id = pick_session_id(data, header_session)
@@ -112,22 +120,7 @@ async def begin(
         # Refused rather than altered: what the module receives and what the history
         # holds stay identical, and the answer is the same on SQLite and PostgreSQL.
         raise InvalidRequest("The message must not contain NUL characters (\\u0000).")
-    meta = {"correlation_id": correlation.current.get()}
-    warm = None
-    if onloop.available():  # the row can be checked from here: no writer job before the call
-        warm = onloop.begin_warm(owner, session_id, content, services.resolve_now(now), meta)
-    if warm is not None:
-        opened, pending = warm
-    else:
-        opened, pending = (
-            await writer.run(
-                functools.partial(
-                    services.open_turn, owner, session_id, content, now=now, metadata=meta
-                ),
-                key=session_id,
-            ),
-            None,
-        )
+    opened, pending = await _open(owner, session_id, content, now, budget)
     client_meta = data.get("metadata")
     if isinstance(client_meta, dict):
         metadata = dict(client_meta)
@@ -151,6 +144,20 @@ async def begin(
     )
 
 
+async def _open(
+    owner: str, session_id: str, content: str | None, now: datetime | None, budget: float
+) -> tuple[services.Opened, turns.Pending | None]:
+    """The turn opened on the loop (a warm session, SQLite), else by the writer thread."""
+    meta = {"correlation_id": correlation.current.get()}
+    if onloop.available():  # the row can be checked from here: no writer job before the call
+        began = services.resolve_now(now)
+        warm = onloop.begin_warm(owner, session_id, content, began, meta, budget)
+        if warm is not None:
+            return warm
+    job = functools.partial(services.open_turn, owner, session_id, content, now=now, metadata=meta)
+    return await writer.run(job, key=session_id), None
+
+
 def _is_json(content_type: str | None) -> bool:
     if content_type is None:
         return True
@@ -164,8 +171,10 @@ async def finish(
     """Record the assistant's reply of a 2xx JSON object answer; return the answer to send.
 
     Error answers (non-2xx) and non-JSON or non-object bodies are returned
-    untouched and store no reply. A database failure here is logged, not raised:
-    the client still gets the answer the module produced.
+    untouched and store no reply. A database failure storing the reply of a turn whose
+    user message is already stored is logged, not raised: the client still gets the answer
+    the module produced. For a turn begun without the writer (``turn.pending``) the
+    failure is raised: its user message would be lost with it.
     """
     data = _answer_object(status, content_type, body)
     reply = _first_text(data, REPLY_FIELDS) if data is not None else None
@@ -175,7 +184,10 @@ async def finish(
     if turn.pending is not None:
         at = services.resolve_now(now)
         push = None if reply is None else Push("assistant", reply, meta, at)
-        await _store(turn, onloop.loop_writer().record(turn.pending, push, at))
+        # Not caught: the user's message is in this write too, and an answer whose turn is
+        # not stored must not reach the client (the proxy answers 500, as a failed first
+        # write did before the module was called).
+        await onloop.loop_writer().record(turn.pending, push, at)
     elif reply is not None:
         append = functools.partial(
             services.append,

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from django.conf import settings
@@ -51,6 +51,8 @@ log = logging.getLogger("sessions_ctx7")
 _local = threading.local()
 #: Rows remembered as checked, per loop connection (then forgotten all at once).
 MAX_KNOWN = 10_000
+#: Seconds a warm turn's session must outlive the turn's deadline (its write included).
+EXPIRY_MARGIN = 30.0
 
 
 def _database() -> dict[str, Any]:
@@ -102,9 +104,13 @@ def _loop() -> _Loop:
     # timeout=0: never wait for a lock on the loop (busy → the writer thread does it);
     # isolation_level=None: transactions are this module's own BEGIN/COMMIT.
     raw = sqlite3.connect(database, uri=True, timeout=0, isolation_level=None)
-    raw.execute("PRAGMA synchronous = NORMAL")  # as the Django connection's init_command
-    raw.execute("PRAGMA foreign_keys = ON")  # as Django's SQLite backend
-    raw.execute("PRAGMA wal_autocheckpoint = 0")  # its fsyncs run in a thread (Checkpointer)
+    try:
+        raw.execute("PRAGMA synchronous = NORMAL")  # as the Django connection's init_command
+        raw.execute("PRAGMA foreign_keys = ON")  # as Django's SQLite backend
+        raw.execute("PRAGMA wal_autocheckpoint = 0")  # its fsyncs run in a thread (Checkpointer)
+    except BaseException:
+        raw.close()
+        raise
     wrapper = connections.create_connection(DEFAULT_DB_ALIAS)  # vendor, errors; never opened
     zone = wrapper.timezone or UTC
     db = statements.Db(wrapper, raw, statements.sqlite_datetime(zone), statements.text_json(), "?")
@@ -132,16 +138,28 @@ def unchanged(session_id: str, guard: Sequence[Any]) -> bool:
 
 
 def begin_warm(
-    owner: str, session_id: str, content: str | None, now: datetime, metadata: dict[str, Any]
+    owner: str,
+    session_id: str,
+    content: str | None,
+    now: datetime,
+    metadata: dict[str, Any],
+    budget: float,
 ) -> tuple[Opened, turns.Pending] | None:
     """The turn as ``open_turn`` would open it, from the cache and a look at the row; None
-    when that cannot be decided here (unknown session, someone else's, expired, changed)."""
+    when that cannot be decided here (unknown session, someone else's, expired, changed).
+
+    ``budget``: the seconds the turn may take until it is written (the route's deadline).
+    ``open_turn`` refreshes the expiry when a turn begins; a warm turn writes it only at
+    its end, so it is warm only while the stored expiry outlasts the turn by
+    :data:`EXPIRY_MARGIN`: nobody (another client naming the session, the purge) can then
+    find the session expired while the module answers. Closer to its end the turn takes
+    ``open_turn``, which writes the refresh first, as before."""
     entry = cache.get(session_id)
     if (
         entry is None
         or entry.guard is None
         or entry.client != owner
-        or entry.expires_at <= now
+        or entry.expires_at <= now + timedelta(seconds=max(0.0, budget) + EXPIRY_MARGIN)
         or entry.message_count > gw.context7_max_messages
         or not unchanged(session_id, entry.guard)
     ):
@@ -258,7 +276,9 @@ class LoopWriter:
     def _flush(self) -> None:
         jobs, self._jobs = self._jobs, []
         try:
-            done, rest = self._write(jobs)
+            # While the writer thread has work, it gets the turns (and the write lock) rather
+            # than losing the lock, pass after pass, to a loop that never waits for it.
+            done, rest = ([], jobs) if writer.busy() else self._write(jobs)
         except Exception:  # nothing of the pass was committed: all of it to the writer thread
             log.debug("context7: a pass of warm turns goes to the writer thread", exc_info=True)
             done, rest = [], jobs

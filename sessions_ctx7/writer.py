@@ -88,6 +88,7 @@ class Writer:
         self._parked: dict[str, int] = {}
         #: Sessions with jobs submitted and not yet done, and how many (see has_jobs).
         self._queued: dict[str, int] = {}
+        self._running = False  # a batch is being written (see busy)
 
     async def run[T](self, fn: Callable[[], T], key: str | None = None) -> T:
         """Run ``fn`` (database work, synchronous) in the next batch; its result once committed.
@@ -107,6 +108,10 @@ class Writer:
                 self._queued[key] = self._queued.get(key, 0) + 1
         self._jobs.put(job)
         return job.future
+
+    def busy(self) -> bool:
+        """True while jobs wait here or a batch runs (it holds, or waits for, the write lock)."""
+        return self._running or not self._jobs.empty()
 
     def has_jobs(self, key: str) -> bool:
         """True while a job of session ``key`` is queued or running here: a turn written
@@ -145,7 +150,11 @@ class Writer:
                     batch.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            busy = self._run_batch(batch)
+            self._running = True
+            try:
+                busy = self._run_batch(batch)
+            finally:
+                self._running = False
             put_off = set(map(id, busy))
             for job in batch:
                 if id(job) not in put_off:

@@ -183,7 +183,8 @@ async def serve_cached(call: Call, svc: services.Services, send: Send) -> None:
 async def serve_context7(call: Call, svc: services.Services, receive: Receive, send: Send) -> None:
     """Chat-like routes: the session's context goes upstream, the reply is remembered."""
     raw = await read_all(call, receive)
-    turn = await enrich.begin(call.principal.id, raw, call.request.session)
+    budget = call.deadline - time.monotonic()  # a warm turn must not outlast its session
+    turn = await enrich.begin(call.principal.id, raw, call.request.session, budget=budget)
     call.response_headers.append((b"x-vx11-session", turn.session_id.encode()))
     call.session_key = turn.session_id  # lb=session keeps a conversation on one target
     try:

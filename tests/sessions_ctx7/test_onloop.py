@@ -385,20 +385,30 @@ def scenario_a_failing_pass() -> dict[str, Any]:
             )
 
         await sync_to_async(plant, thread_sensitive=False)()
-        await asyncio.gather(_turn("fine", "two"), _turn("bad", "two"), _turn("fine", "three"))
-        return {"fine": await _stored("fine"), "bad": await _stored("bad")}
+        done = await asyncio.gather(
+            _turn("fine", "two"),
+            _turn("bad", "two"),
+            _turn("fine", "three"),
+            return_exceptions=True,
+        )
+        return {
+            "outcomes": [type(item).__name__ for item in done],
+            "fine": await _stored("fine"),
+            "bad": await _stored("bad"),
+        }
 
     return asyncio.run(main())
 
 
 def test_a_pass_that_fails_is_rolled_back_and_written_once_by_the_writer(process: Any) -> None:
     """One turn's INSERT fails inside a pass on the loop: the pass is rolled back, the writer
-    thread writes the others exactly once, the failing one not at all (its answer still goes
-    to its client; the failure is logged)."""
+    thread writes the others exactly once, the failing one not at all — and that turn's
+    answer is not given as if it were stored: its finish raises (the proxy answers 500)."""
     result = process.run(
         "from tests.sessions_ctx7.test_onloop import scenario_a_failing_pass\n"
         "print(json.dumps(scenario_a_failing_pass()))"
     )
+    assert result["outcomes"] == ["Turn", "IntegrityError", "Turn"]
     assert result["fine"] == [
         [1, "user", "one"],
         [2, "assistant", "re: one"],
@@ -412,3 +422,55 @@ def test_a_pass_that_fails_is_rolled_back_and_written_once_by_the_writer(process
         [2, "assistant", "re: one"],
         [3, "user", "planted"],
     ]
+
+
+def scenario_near_expiry() -> dict[str, Any]:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.core.problems import Forbidden
+    from sessions_ctx7 import enrich
+    from sessions_ctx7.models import Session
+
+    t0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+    async def turn(text: str, at: float, owner: str = OWNER) -> Any:
+        now = t0 + timedelta(seconds=at)
+        began = await enrich.begin(owner, _body(message=text), "x", now=now, budget=5)
+        await enrich.finish(began, 200, JSON, _body(response=f"re: {text}"), now=now)
+        return began
+
+    async def main() -> dict[str, Any]:
+        await turn("one", 0)  # cold; the session lives until t0 + 600 s
+        warm = await turn("two", 10)  # far from its end: warm; lives until t0 + 610
+        near = await turn("three", 580)  # 30 s left < 5 s budget + margin: open_turn
+        row = await Session.objects.aget(session_id="x")
+        refused = False
+        try:  # after the expiry the turn began with, before the one it refreshed
+            await enrich.begin(
+                "client:2", _body(message="mine?"), "x", now=t0 + timedelta(seconds=620)
+            )
+        except Forbidden:
+            refused = True
+        return {
+            "pending": [warm.pending is not None, near.pending is not None],
+            "expires_in": (row.expires_at - t0).total_seconds(),
+            "refused": refused,
+        }
+
+    return asyncio.run(main())
+
+
+def test_a_turn_near_its_sessions_expiry_refreshes_it_before_the_module_is_called(
+    process: Any,
+) -> None:
+    """A warm turn writes the expiry refresh at its end; so a session whose stored expiry
+    would not outlive the turn goes through open_turn, which writes it first: another
+    client naming the session meanwhile is refused (403), as before."""
+    result = process.run(
+        "from tests.sessions_ctx7.test_onloop import scenario_near_expiry\n"
+        "print(json.dumps(scenario_near_expiry()))",
+        VX11_CONTEXT7_TTL_SECONDS=600,
+    )
+    assert result["pending"] == [True, False]
+    assert result["expires_in"] == 1180  # 580 + 600: refreshed when "three" began
+    assert result["refused"] is True
