@@ -3,13 +3,16 @@
     body ─► begin(owner, body, X-VX11-Session) ─► Turn(session_id, enriched body)
          ─► upstream ─► finish(turn, status, content type, answer) ─► answer (+ session_id)
 
-``begin`` parses the client's JSON object, picks the session id, records the
-user's message and returns the body to send upstream: the client's object plus
-``session_id`` and ``metadata.context_summary`` / ``metadata.topic``.
-``finish`` records the assistant's reply of a 2xx JSON answer and adds
-``session_id`` to the answer when it has none. The database work runs in the
-process's Context-7 writer (:mod:`sessions_ctx7.writer`: one thread, many turns per
-commit; three statements per call, see :mod:`sessions_ctx7.services`).
+``begin`` parses the client's JSON object, picks the session id, opens the turn and
+returns the body to send upstream: the client's object plus ``session_id`` and
+``metadata.context_summary`` / ``metadata.topic``. ``finish`` records the assistant's
+reply of a 2xx JSON answer and adds ``session_id`` to the answer when it has none;
+``settle`` closes a turn the module never answered.
+
+Where the database work runs: a warm session on SQLite is checked and written on the event
+loop (:mod:`sessions_ctx7.onloop`; its user message is written with the reply, by
+``finish`` or ``settle``); everything else in the process's Context-7 writer thread
+(:mod:`sessions_ctx7.writer`: many turns per commit; the user's message in ``begin``).
 Whether Context-7 is on (``VX11_CONTEXT7_ENABLED``, the route's ``context7``)
 is the pipeline's decision: it does not call this module at all when off.
 """
@@ -221,7 +224,7 @@ async def _store(turn: Turn, stored: asyncio.Future[bool]) -> None:
         await stored
     except DatabaseError:
         log.warning(
-            "context7: the turn was not stored",
+            "context7: the assistant reply was not stored",
             extra={"session_id": turn.session_id},
             exc_info=True,
         )
