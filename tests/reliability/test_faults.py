@@ -100,13 +100,16 @@ async def test_redis_outage_under_load_never_stalls_requests_and_recovers_withou
     # The outage adds a store timeout (50 ms) to one request now and then, never a stall:
     # without it a request would wait for the Redis client's socket timeout (seconds).
     # The bound on the worst request allows for what the machine itself does to the healthy
-    # phase (under a parallel test run its own maximum reached 436 ms here).
+    # phase (under a parallel test run its own maximum reached 436 ms here). The p99 may
+    # carry a few store timeouts under a loaded machine (170 ms against a healthy 57 ms once
+    # in CI, with -n auto on two cores): 250 ms over the healthy p99 is still far below any
+    # socket timeout.
     healthy_p99 = percentile([s.latency for s in healthy], 99)
     healthy_max = max(s.latency for s in healthy)
     for samples in (hung, dead):
         latencies = [s.latency for s in samples]
         assert max(latencies) < max(0.5, healthy_max + 0.3)
-        assert percentile(latencies, 99) < healthy_p99 + 0.1
+        assert percentile(latencies, 99) < healthy_p99 + 0.25
     # Fail mode local: this process kept counting on its own (5 admitted, then 429).
     assert hung_degraded is True
     assert hung_limited == [200] * 5 + [429] * 3
