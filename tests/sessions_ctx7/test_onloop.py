@@ -53,6 +53,17 @@ def rows(session_id: str) -> list[list[Any]]:
     ]
 
 
+def exchanges(*texts: str, first: int = 1) -> list[list[Any]]:
+    """The rows of turns answered by ``_turn``: each text, then "re: " it, numbered on."""
+    rows: list[list[Any]] = []
+    for text in texts:
+        rows += [
+            [first + len(rows), "user", text],
+            [first + len(rows) + 1, "assistant", f"re: {text}"],
+        ]
+    return rows
+
+
 async def _turn(session_id: str, text: str, *, owner: str = OWNER) -> Any:
     from sessions_ctx7 import enrich
 
@@ -109,21 +120,9 @@ def test_warm_turns_need_no_writer_job_and_share_one_commit(process: Any) -> Non
     assert result["pending"] == [False, True, True]
     assert result["cold_jobs"] == 2 and result["warm_jobs"] == 0
     assert result["summary"] == "user: two\nassistant: re: two\nuser: three"
-    assert result["rows"] == [
-        [1, "user", "one"],
-        [2, "assistant", "re: one"],
-        [3, "user", "two"],
-        [4, "assistant", "re: two"],
-        [5, "user", "three"],
-        [6, "assistant", "re: three"],
-    ]
+    assert result["rows"] == exchanges("one", "two", "three")
     assert result["commits_for_ten"] == 1  # ten sessions' turns, answered in one pass
-    assert result["g3"] == [
-        [1, "user", "hello"],
-        [2, "assistant", "re: hello"],
-        [3, "user", "again"],
-        [4, "assistant", "re: again"],
-    ]
+    assert result["g3"] == exchanges("hello", "again")
 
 
 def scenario_writes_from_elsewhere() -> dict[str, Any]:
@@ -181,7 +180,7 @@ def test_a_row_changed_elsewhere_is_seen_before_the_module_is_called(process: An
     assert "assistant: from elsewhere" in result["seen_summary"]
     assert result["restarted"] == [True, "user: four"]
     assert result["refused"] == "Forbidden"
-    assert result["rows"][-2:] == [[8, "user", "four"], [9, "assistant", "re: four"]]
+    assert result["rows"][-2:] == exchanges("four", first=8)
 
 
 def scenario_busy_database(database: str) -> dict[str, Any]:
@@ -239,7 +238,7 @@ def test_a_busy_database_never_blocks_the_loop_and_loses_nothing(process: Any) -
     )
     assert result["pending"] is True and result["waited"] is True
     assert result["ticks"] >= 10  # ~30 expected in 0.3 s; a blocked loop gives 0
-    assert result["rows"][-2:] == [[5, "user", "three"], [6, "assistant", "re: three"]]
+    assert result["rows"][-2:] == exchanges("three", first=5)
 
 
 def scenario_no_answer() -> dict[str, Any]:
@@ -266,8 +265,7 @@ def test_a_turn_without_an_answer_still_stores_the_users_message(process: Any) -
     )
     assert result["pending"] == [True, True]
     assert result["rows"] == [
-        [1, "user", "one"],
-        [2, "assistant", "re: one"],
+        *exchanges("one"),
         [3, "user", "lost module"],
         [4, "user", "error answer"],
     ]
@@ -409,19 +407,8 @@ def test_a_pass_that_fails_is_rolled_back_and_written_once_by_the_writer(process
         "print(json.dumps(scenario_a_failing_pass()))"
     )
     assert result["outcomes"] == ["Turn", "IntegrityError", "Turn"]
-    assert result["fine"] == [
-        [1, "user", "one"],
-        [2, "assistant", "re: one"],
-        [3, "user", "two"],
-        [4, "assistant", "re: two"],
-        [5, "user", "three"],
-        [6, "assistant", "re: three"],
-    ]
-    assert result["bad"] == [
-        [1, "user", "one"],
-        [2, "assistant", "re: one"],
-        [3, "user", "planted"],
-    ]
+    assert result["fine"] == exchanges("one", "two", "three")
+    assert result["bad"] == [*exchanges("one"), [3, "user", "planted"]]
 
 
 def scenario_near_expiry() -> dict[str, Any]:
