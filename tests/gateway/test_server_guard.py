@@ -62,6 +62,28 @@ def test_the_uvicorn_internals_the_guard_copies_are_unchanged():
     assert "on_response" in cycle_fields and hasattr(HttpToolsProtocol, "_start_asgi_task")
 
 
+#: The cycle methods ``HeadCork`` stands between and the socket for (uvicorn 0.54.0): they
+#: use only ``write``, ``close`` and ``is_closing`` of the transport, set
+#: ``response_started`` before they write the head, and write ``100 Continue`` before it.
+CYCLE_RELIED_ON = ("send", "receive", "run_asgi", "send_500_response")
+CYCLE_DIGEST = "aab84bec4ce6d8c954726b7be153d2c7d3cd3ab8d1a71741ba134eb5d5c9b9d3"
+
+
+def test_the_response_cycle_the_head_cork_wraps_is_unchanged():
+    digest = hashlib.sha256()
+    for name in CYCLE_RELIED_ON:
+        digest.update(inspect.getsource(getattr(RequestResponseCycle, name)).encode())
+    assert digest.hexdigest() == CYCLE_DIGEST, (
+        "uvicorn's RequestResponseCycle changed: check that HeadCork (gateway/edge/server.py) "
+        "still sees every transport call it makes, then update CYCLE_DIGEST"
+    )
+    used = set()
+    for name in CYCLE_RELIED_ON:
+        source = inspect.getsource(getattr(RequestResponseCycle, name))
+        used |= {call.split("(")[0] for call in source.split("self.transport.")[1:]}
+    assert used <= {"write", "close", "is_closing"}
+
+
 def test_every_launcher_selects_the_guarded_protocol_by_import_string():
     command = server_command("127.0.0.1", 8000)
     assert command[command.index("--http") + 1] == HTTP_PROTOCOL
