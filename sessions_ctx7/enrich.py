@@ -43,7 +43,8 @@ NUL = "\x00"  # PostgreSQL text and jsonb cannot hold it (DataError); SQLite can
 REPLACEMENT = "\ufffd"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (made per request; docs/PERFORMANCE.md "fourth pass"), never changed.
+@dataclass(slots=True)
 class Turn:
     session_id: str
     body: bytes  # the enriched JSON body to send upstream

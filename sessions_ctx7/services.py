@@ -63,7 +63,8 @@ SAVED_FIELDS = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (made per request; docs/PERFORMANCE.md "fourth pass"), never changed.
+@dataclass(slots=True)
 class Opened:
     """What a turn needs after the user's message was recorded."""
 

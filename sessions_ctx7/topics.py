@@ -161,15 +161,26 @@ TOPIC_KEYWORDS: dict[str, frozenset[str]] = {
     ),
 }
 _WORD_RE = re.compile(r"[a-z0-9+#]+")
+#: word → the topics it counts for, in TOPIC_KEYWORDS order: one dict look per word
+#: instead of one set look per word and topic.
+_TOPICS_OF: dict[str, tuple[str, ...]] = {}
+for _topic, _words in TOPIC_KEYWORDS.items():
+    for _word in _words:
+        _TOPICS_OF[_word] = (*_TOPICS_OF.get(_word, ()), _topic)
 
 
 def classify_topic(text: str) -> str:
-    counts = dict.fromkeys(TOPIC_KEYWORDS, 0)
+    """The topic whose keywords the text names most often (the first such in
+    TOPIC_KEYWORDS on a tie); ``general`` when it names none."""
+    counts: dict[str, int] | None = None
     for word in _WORD_RE.findall(text[:TOPIC_SCAN_CHARS].lower()):
-        for topic, words in TOPIC_KEYWORDS.items():
-            if word in words:
+        topics = _TOPICS_OF.get(word)
+        if topics is not None:
+            if counts is None:
+                counts = dict.fromkeys(TOPIC_KEYWORDS, 0)
+            for topic in topics:
                 counts[topic] += 1
-    best = max(counts.values())
-    if best == 0:
+    if counts is None:
         return "general"
+    best = max(counts.values())
     return next(topic for topic, count in counts.items() if count == best)

@@ -31,7 +31,8 @@ from sessions_ctx7.cache import cache
 from sessions_ctx7.warm import Push, entry_of, expires_at_for, unprotected, write_warm
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (made per request; docs/PERFORMANCE.md "fourth pass"), never changed.
+@dataclass(slots=True)
 class Pending:
     """A turn begun without the writer: what :func:`record` writes once it is answered."""
 

@@ -58,7 +58,8 @@ def entry_of(session: Session) -> Entry:
     return entry
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (made per request; docs/PERFORMANCE.md "fourth pass"), never changed.
+@dataclass(slots=True)
 class Push:
     """A message to add to a session: who, what, with which metadata, when."""
 

@@ -42,6 +42,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sessions_ctx7.reading",
             "sessions_ctx7.warm",
             "sessions_ctx7.turns",
+            "sessions_ctx7.checkpoint",
             "sessions_ctx7.onloop",
         ),
     ),

@@ -97,7 +97,8 @@ class Failed:
     answer: Buffered | None = None  # … the module's failure answer
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (made per request; docs/PERFORMANCE.md "fourth pass"), never changed.
+@dataclass(slots=True)
 class Option:
     module: ModuleInfo
     path: str

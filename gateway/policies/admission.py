@@ -33,7 +33,8 @@ from gateway.state.guard import StoreGuard, StoreUnavailable
 from gateway.state.redis_store import combined
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (made per request; docs/PERFORMANCE.md "fourth pass"), never changed.
+@dataclass(slots=True)
 class Admitted:
     """The rate-limit decision, and the breaker's permit for the first attempt if known."""
 

@@ -183,6 +183,55 @@ def test_a_row_changed_elsewhere_is_seen_before_the_module_is_called(process: An
     assert result["rows"][-2:] == exchanges("four", first=8)
 
 
+def scenario_data_version_per_pass(database: str) -> dict[str, Any]:
+    from sessions_ctx7 import onloop
+    from sessions_ctx7.cache import cache
+
+    async def main() -> dict[str, Any]:
+        await _turn("v", "one")
+        await _turn("v", "two")  # warm from here on
+        await asyncio.sleep(0)
+        entry = cache.get("v")
+        assert entry is not None and entry.guard is not None
+        guard = entry.guard
+        looks: list[str] = []
+        onloop._loop().raw.set_trace_callback(looks.append)
+        same_pass = [onloop.unchanged("v", guard), onloop.unchanged("v", guard)]
+        versions_read = sum("data_version" in sql for sql in looks)
+        other = sqlite3.connect(database, isolation_level=None)  # another process's commit
+        other.execute("UPDATE sessions_ctx7_session SET topic = 'elsewhere' WHERE session_id = 'v'")
+        other.close()
+        in_that_pass = onloop.unchanged("v", guard)
+        await asyncio.sleep(0)  # the loop's next pass
+        next_pass = onloop.unchanged("v", guard)
+        turn = await _turn("v", "three")
+        return {
+            "same_pass": same_pass,
+            "versions_read": versions_read,
+            "in_that_pass": in_that_pass,
+            "next_pass": next_pass,
+            "pending": turn.pending is not None,
+        }
+
+    return asyncio.run(main())
+
+
+def test_data_version_is_read_once_per_pass_and_a_commit_is_seen_in_the_next(
+    process: Any,
+) -> None:
+    """``PRAGMA data_version`` once per pass of the loop, not per look; another connection's
+    commit is seen from the next pass on (every request read after it is)."""
+    database = str(process.env["VX11_VAR_DIR"]) + "/vx11.sqlite3"
+    result = process.run(
+        "from tests.sessions_ctx7.test_onloop import scenario_data_version_per_pass\n"
+        f"print(json.dumps(scenario_data_version_per_pass({database!r})))"
+    )
+    assert result["same_pass"] == [True, True] and result["versions_read"] == 1
+    assert result["in_that_pass"] is True  # the pass's look stands for its first moment
+    assert result["next_pass"] is False
+    assert result["pending"] is False  # the changed row: decided by the writer
+
+
 def scenario_busy_database(database: str) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         await _turn("b", "one")

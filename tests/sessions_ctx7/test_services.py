@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -177,6 +178,28 @@ def test_summary_is_the_last_three_messages_truncated(db, now):
 )
 def test_topic_clustering(text, topic):
     assert services.classify_topic(text) == topic
+
+
+def test_topic_clustering_counts_like_one_look_per_word_and_topic():
+    """The word → topics map gives what counting every topic's keywords gives, ties (the
+    first topic in TOPIC_KEYWORDS wins) and words of several topics included."""
+    import random
+
+    from sessions_ctx7.topics import TOPIC_KEYWORDS
+
+    def reference(text: str) -> str:
+        counts = dict.fromkeys(TOPIC_KEYWORDS, 0)
+        for word in re.findall(r"[a-z0-9+#]+", text[:4096].lower()):
+            for topic, words in TOPIC_KEYWORDS.items():
+                counts[topic] += word in words
+        best = max(counts.values())
+        return "general" if best == 0 else next(t for t, c in counts.items() if c == best)
+
+    vocabulary = [*sorted(set().union(*TOPIC_KEYWORDS.values())), "the", "of", "C++", "x" * 9]
+    rng = random.Random(7)
+    for _ in range(2000):
+        text = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(0, 6)))
+        assert services.classify_topic(text) == reference(text), text
 
 
 def test_a_follow_up_without_keywords_keeps_the_topic(db, now):
