@@ -11,8 +11,8 @@ the one upstream process, so both gateways have the same upstream CPU behind the
 cost of choosing among targets, counting them in flight and reporting their outcomes, in one
 run (SPEC §18; docs/PERFORMANCE.md "Module pools").
 
-``bench.run`` compares the gateway with a bare proxy run after it; on a noisy machine the
-reference itself moves by ±10 % between runs, and so does the ratio. Here both gateways
+``bench.run`` compares the gateway with a bare proxy run before and after it; on a noisy
+machine the reference itself moves by ±10 % between runs, and so does the ratio. Here both gateways
 (the tree given as ``--before`` and this one) run at the same time against one upstream,
 each with its own SQLite file (and its own Redis with ``--redis``), and ``wrk`` drives them
 in alternating bursts (A B, B A, …), so slow phases of the machine hit both. Printed: req/s
