@@ -49,11 +49,15 @@ def test_uvicorn_is_the_version_the_guard_was_written_for():
     assert httptools.__version__.startswith("0.")
 
 
-def test_the_uvicorn_internals_the_guard_copies_are_unchanged():
+def source_digest(cls: type, names: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
-    for name in RELIED_ON:
-        digest.update(inspect.getsource(getattr(HttpToolsProtocol, name)).encode())
-    assert digest.hexdigest() == DIGEST, (
+    for name in names:
+        digest.update(inspect.getsource(getattr(cls, name)).encode())
+    return digest.hexdigest()
+
+
+def test_the_uvicorn_internals_the_guard_copies_are_unchanged():
+    assert source_digest(HttpToolsProtocol, RELIED_ON) == DIGEST, (
         "uvicorn's HttpToolsProtocol changed: port the change into GatewayHttpProtocol "
         "(data_received -> _feed, on_response_complete, on_header and on_body are copies), "
         "then update DIGEST"
@@ -70,10 +74,7 @@ CYCLE_DIGEST = "aab84bec4ce6d8c954726b7be153d2c7d3cd3ab8d1a71741ba134eb5d5c9b9d3
 
 
 def test_the_response_cycle_the_head_cork_wraps_is_unchanged():
-    digest = hashlib.sha256()
-    for name in CYCLE_RELIED_ON:
-        digest.update(inspect.getsource(getattr(RequestResponseCycle, name)).encode())
-    assert digest.hexdigest() == CYCLE_DIGEST, (
+    assert source_digest(RequestResponseCycle, CYCLE_RELIED_ON) == CYCLE_DIGEST, (
         "uvicorn's RequestResponseCycle changed: check that HeadCork (gateway/edge/server.py) "
         "still sees every transport call it makes, then update CYCLE_DIGEST"
     )
